@@ -1,0 +1,47 @@
+"""Tokenisation and batching. Prompt and target are tokenised separately, so the prompt a model
+sees in training is token for token the prompt it sees at generation."""
+import torch
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> dict | None:
+    """input_ids = prompt + target + EOS; labels cover target + EOS only. None if no target fits."""
+    p = encode_prompt(tokenizer, prompt)
+    t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + t)[:max_length]
+    if len(p) >= len(ids):
+        return None
+    labels = [-100] * len(p) + t
+    return {"input_ids": ids, "labels": labels[: len(ids)], "prompt_length": len(p)}
+
+
+def collate_train(examples: list[dict], pad_id: int) -> dict:
+    """Right padding: every prompt starts at position 0."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "prompt_lengths": [e["prompt_length"] for e in examples],
+            "prompt_offsets": [0] * len(examples)}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict:
+    """Left padding for generation: new tokens line up at the right edge."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "prompt_lengths": [len(p) for p in prompts],
+            "prompt_offsets": [width - len(p) for p in prompts]}

@@ -1,0 +1,43 @@
+"""Batched greedy generation with the KV cache, and scoring with the task's answer check."""
+from contextlib import nullcontext
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import collate_prompts, encode_prompt
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             method=None, desc: str = "eval", **gen_kwargs) -> list[str]:
+    """Greedy outputs for `prompts`, in order. Prompts are grouped by length to waste no
+    padding; each sequence stops at EOS. `method=None` runs the model as it is (frozen)."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        ids = order[start:start + batch_size]
+        batch = collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id)
+        batch["input_ids"] = batch["input_ids"].to(device)
+        batch["attention_mask"] = batch["attention_mask"].to(device)
+        with method.context(batch) if method is not None else nullcontext():
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 **gen_kwargs)
+        new = out[:, batch["input_ids"].shape[1]:]
+        for i, row in zip(ids, new):
+            outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return outputs
+
+
+def score(task, records: list[dict], outputs: list[str]) -> dict:
+    correct = [task.is_correct(o, r) for o, r in zip(outputs, records)]
+    return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct)}
+
+
+def evaluate(model, tokenizer, task, records, batch_size, method=None, desc="eval"):
+    outputs = generate(model, tokenizer, [task.prompt(r) for r in records], task.max_new_tokens,
+                       batch_size, method=method, desc=desc)
+    return score(task, records, outputs), outputs

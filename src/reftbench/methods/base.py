@@ -1,0 +1,99 @@
+"""The one interface every method sits behind (peft-style: a config dataclass plus a module).
+
+The runner only ever calls: build(cfg, model), method.trainable_parameters(),
+method.context(batch) around a forward pass, method.train()/eval(), method.param_counts(),
+method.save(dir) and load(dir, model). It never branches on which method it holds.
+"""
+import dataclasses
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import count_params
+
+REGISTRY: dict[str, tuple[type, type]] = {}
+
+
+def register(name: str, config_cls: type):
+    def deco(cls):
+        REGISTRY[name] = (config_cls, cls)
+        return cls
+    return deco
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    name: str
+
+
+class Method(nn.Module):
+    """Holds whatever the method adds and knows how to attach it to the base model."""
+
+    def __init__(self, config: MethodConfig, model: nn.Module):
+        super().__init__()
+        self.config = config
+        self.base_params = count_params(model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def added_parameters(self) -> int:
+        """Parameters the method adds to the model (0 for methods that train base weights)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def context(self, batch: dict):
+        """Per-batch state (e.g. which positions to intervene on) around one forward or generate."""
+        yield
+
+    def param_counts(self) -> dict:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = self.base_params + self.added_parameters()
+        return {"trainable": trainable, "base": self.base_params,
+                "percent": 100.0 * trainable / total}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / "weights.safetensors.tmp"
+        save_file(self.trainable_state(), str(tmp))
+        os.replace(tmp, path / "weights.safetensors")
+        (path / "method.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+
+
+def _config_from(cfg) -> MethodConfig:
+    data = dict(cfg)
+    name = data.get("name")
+    if name not in REGISTRY:
+        raise ConfigError(f"intervention={name!r} is unknown: choose one of {', '.join(sorted(REGISTRY))}")
+    config_cls, _ = REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"intervention={name} has no option {unknown[0]!r}; it takes {', '.join(sorted(fields - {'name'}))}")
+    return config_cls(**data)
+
+
+def build(cfg, model: nn.Module) -> Method:
+    """cfg: a mapping with `name` plus the method's own options (the `intervention` group)."""
+    config = _config_from(cfg)
+    _, cls = REGISTRY[config.name]
+    return cls(config, model)
+
+
+def load(path, model: nn.Module) -> Method:
+    path = Path(path)
+    config = json.loads((path / "method.json").read_text())
+    method = build(config, model)
+    method.load_state_dict(load_file(str(path / "weights.safetensors")))
+    return method

