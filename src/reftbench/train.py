@@ -51,7 +51,8 @@ def train(model, method, examples: list[dict], cfg, pad_id: int, seed: int, log=
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
     params = method.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = method.config.lr or cfg.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     method.train()
     step, micro, losses, t0 = 0, 0, [], time.time()

@@ -30,6 +30,8 @@ def register(name: str, config_cls: type):
 @dataclasses.dataclass
 class MethodConfig:
     name: str
+    # A method that needs its own learning rate to train at all says so here; null keeps trainer.lr.
+    lr: float | None = None
 
 
 class Method(nn.Module):
