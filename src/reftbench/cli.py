@@ -26,7 +26,21 @@ def _app(cfg: DictConfig) -> None:
     print(f"result: {Path(hc.runtime.output_dir) / 'result.json'}")
 
 
+def quote_semicolons(args: list[str]) -> list[str]:
+    """Hydra's override grammar has no bare `;`, but users type `intervention.layers=2;10;18;26`.
+    Quote each comma-separated value that holds one, so sweeps like `layers=2;10,all` still work."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and ";" in value and not any(c in value for c in "'\"[]"):
+            value = ",".join(f"'{v}'" if ";" in v else v for v in value.split(","))
+            a = f"{key}={value}"
+        out.append(a)
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = quote_semicolons(sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -16,7 +16,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         ids = order[start:start + batch_size]
         batch = collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id)
         batch["input_ids"] = batch["input_ids"].to(device)

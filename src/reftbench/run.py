@@ -13,7 +13,7 @@ from .data import encode_example
 from .errors import ConfigError
 from .evaluate import evaluate
 from .record import command_line, git_commit, peak_memory, versions, write_json_atomic
-from .train import train
+from .train import check_trainer, train
 
 log = logging.getLogger("reftbench")
 
@@ -37,8 +37,10 @@ def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
     seed_everything(int(cfg.seed))
     device = pick_device(cfg.device)
     task = tasks.build(cfg.task)
+    check_trainer(cfg.trainer)
     loaded = models.load(cfg.model, kind="decoder", seed=int(cfg.seed))
     model, tok = loaded.model.to(device), loaded.tokenizer
+    methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     train_records, test_records = task.load(int(cfg.seed))
     encoded = [e for r in train_records
                if (e := encode_example(tok, task.prompt(r), task.target_text(r), cfg.trainer.max_length))]

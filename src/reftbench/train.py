@@ -56,7 +56,7 @@ def train(model, method, examples: list[dict], cfg, pad_id: int, seed: int, log=
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     method.train()
     step, micro, losses, t0 = 0, 0, [], time.time()
-    bar = tqdm(total=total, desc="train", unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="train", unit="step", leave=False, dynamic_ncols=True, disable=None)
     while step < total:
         for batch in loader:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -42,6 +42,10 @@ class Method(nn.Module):
         self.config = config
         self.base_params = count_params(model)
 
+    @classmethod
+    def check(cls, config: MethodConfig, model: nn.Module) -> None:
+        """Reject bad options before any expensive work; raise ConfigError with one line."""
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
@@ -86,10 +90,17 @@ def _config_from(cfg) -> MethodConfig:
     return config_cls(**data)
 
 
+def check(cfg, model: nn.Module) -> None:
+    """Validate a method's options against a model without changing the model."""
+    config = _config_from(cfg)
+    REGISTRY[config.name][1].check(config, model)
+
+
 def build(cfg, model: nn.Module) -> Method:
     """cfg: a mapping with `name` plus the method's own options (the `intervention` group)."""
     config = _config_from(cfg)
     _, cls = REGISTRY[config.name]
+    cls.check(config, model)
     return cls(config, model)
 
 

@@ -55,14 +55,20 @@ def parse_layers(spec, num_layers: int) -> list[int]:
 class Reft(Method):
     intervention_cls: type
 
-    def __init__(self, config: ReftConfig, model: nn.Module):
-        super().__init__(config, model)
+    @classmethod
+    def check(cls, config: ReftConfig, model: nn.Module) -> None:
         d = hidden_size(model)
-        blocks = model_layers(model)
         if not isinstance(config.rank, int) or not 1 <= config.rank <= d:
             raise ConfigError(f"intervention.rank={config.rank} is out of range: use 1..{d} (the hidden size)")
         if not 0.0 <= float(config.dropout) < 1.0:
             raise ConfigError(f"intervention.dropout={config.dropout} is out of range: use 0 <= p < 1")
+        parse_layers(config.layers, len(model_layers(model)))
+        Positions.parse(config.positions)
+
+    def __init__(self, config: ReftConfig, model: nn.Module):
+        super().__init__(config, model)
+        d = hidden_size(model)
+        blocks = model_layers(model)
         self.layer_ids = parse_layers(config.layers, len(blocks))
         self.positions = Positions.parse(config.positions)
         self.groups = self.positions.groups(bool(config.share_weights))
