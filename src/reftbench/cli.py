@@ -1,5 +1,6 @@
 """`reftbench`: a Hydra 1.3 app. Bad input ends in one line on stderr and exit code 2."""
 import logging
+import re
 import os
 import sys
 from pathlib import Path
@@ -39,8 +40,44 @@ def quote_semicolons(args: list[str]) -> list[str]:
     return out
 
 
+def precheck(args: list[str]) -> str | None:
+    """Compose a single run's config up front so a bad override costs one line, not a Hydra dump.
+
+    Returns the error line, or None. Multiruns and Hydra's own flags are left to Hydra.
+    """
+    if any(a.startswith("-") for a in args) or any(a.startswith("hydra") for a in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("config", overrides=args)
+    except (HydraException, OmegaConfBaseException) as e:
+        return _one_line(str(e))
+    return None
+
+
+def _one_line(text: str) -> str:
+    text = text.split("Set the environment variable")[0]
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        return f"{m.group(1)} is not an option (check the spelling; to add a new key use +{m.group(1)}=...)"
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if m:
+        group = m.group(1)
+        opts = re.search(r"Available options in '[^']+':\s*(.*?)(?:Config search path|$)", text, re.S)
+        avail = ", ".join(opts.group(1).split()) if opts else "see conf/" + group
+        return f"{group}={m.group(2)} is unknown: choose one of {avail}"
+    return " ".join(text.split())
+
+
 def main() -> None:
     sys.argv[1:] = quote_semicolons(sys.argv[1:])
+    error = precheck([a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")])
+    if error:
+        print(f"reftbench: error: {error}", file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)

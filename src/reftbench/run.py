@@ -31,8 +31,16 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def check_run(cfg) -> None:
+    for key in ("seed", "eval_batch_size"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise ConfigError(f"{key}={value!r} must be a {'non-negative' if key == 'seed' else 'positive'} integer")
+
+
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
     t0 = time.time()
+    check_run(cfg)
     out_dir = Path(out_dir)
     seed_everything(int(cfg.seed))
     device = pick_device(cfg.device)

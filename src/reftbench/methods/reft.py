@@ -58,7 +58,9 @@ class Reft(Method):
     @classmethod
     def check(cls, config: ReftConfig, model: nn.Module) -> None:
         d = hidden_size(model)
-        if not isinstance(config.rank, int) or not 1 <= config.rank <= d:
+        if not isinstance(config.rank, int) or isinstance(config.rank, bool):
+            raise ConfigError(f"intervention.rank={config.rank} is not an integer: use 1..{d} (the hidden size)")
+        if not 1 <= config.rank <= d:
             raise ConfigError(f"intervention.rank={config.rank} is out of range: use 1..{d} (the hidden size)")
         if not 0.0 <= float(config.dropout) < 1.0:
             raise ConfigError(f"intervention.dropout={config.dropout} is out of range: use 0 <= p < 1")
