@@ -103,10 +103,10 @@ def measure_method(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: optimiser state, allocator
-    frozen()
+    # Memory first, before anything else has run: the peak of the first steps (optimiser state
+    # included), not heap left over by other work.
     with PeakRSS() as mem:
-        for _ in range(2):
+        for _ in range(3):
             step()
     ts, tf = [], []
     for _ in range(args.reps):
