@@ -16,22 +16,22 @@ def register(name):
 
 @register("reasoning_gym")
 def reasoning_gym(task, seed: int):
-    """Procedurally generated problems: no download, the same for a given seed.
-
-    Train and test come from different generator seeds; test questions that also occur in the
-    training set are dropped so the test measures more than memorisation.
-    """
+    """Procedurally generated problems: no download. The data is fixed by the task (generator
+    seeds `train_seed`, `test_seed`), not by the run's seed, so every method and seed sees the
+    same examples. Training questions that also occur in the test set are dropped."""
     import reasoning_gym as rg
     opts = dict(task.options.get("generator", {}))
     name = task.options["dataset"]
     n_train, n_eval = int(task.train_limit or 1000), int(task.eval_limit or 200)
-    train = [dict(question=x["question"], answer=str(x["answer"]))
-             for x in rg.create_dataset(name, size=n_train, seed=seed, **opts)]
-    seen = {r["question"] for r in train}
-    test = [dict(question=x["question"], answer=str(x["answer"]))
-            for x in rg.create_dataset(name, size=3 * n_eval, seed=10_000 + seed, **opts)
-            if x["question"] not in seen][:n_eval]
-    return train, test
+
+    def make(size, s):
+        return [dict(question=x["question"], answer=str(x["answer"]))
+                for x in rg.create_dataset(name, size=size, seed=s, **opts)]
+
+    test = make(n_eval, int(task.options.get("test_seed", 1)))
+    held_out = {r["question"] for r in test}
+    train = [r for r in make(2 * n_train, int(task.options.get("train_seed", 0))) if r["question"] not in held_out]
+    return train[:n_train], test
 
 
 def read_json_records(path: Path, required: tuple[str, ...]) -> list[dict]:
