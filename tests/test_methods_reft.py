@@ -134,3 +134,24 @@ def test_encoder_positions_and_classifier_output():
     moved = (edited - plain).abs().amax(-1) > 0
     assert moved[:, 0].all() and not moved[:, 1:].any()  # f1 = the [CLS] position only, last layer
     assert logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("family", ["gemma", "mistral"])
+def test_other_llama_family_decoders(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    conf = AutoConfig.for_model(family, vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf).eval()
+    m = methods.build(method_cfg(rank=2, positions="l1"), model)
+    with torch.no_grad():
+        for iv in m.interventions.values():
+            iv.W.bias.fill_(1.0)
+    ids = torch.randint(3, 40, (1, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_lengths": [6], "prompt_offsets": [0]}
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with m.context(batch):
+            edited = model(input_ids=ids).logits
+    moved = (edited - plain).abs().amax(-1)[0] > 0
+    assert moved.tolist() == [False] * 5 + [True]  # causal: only the last position sees the edit
