@@ -59,25 +59,24 @@ def test_R_stays_orthonormal_under_adamw_with_weight_decay():
     assert torch.allclose(R @ R.T, torch.eye(4), atol=1e-5)
 
 
+def _five_adamw_steps(module):
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.5)
+    for _ in range(5):
+        loss = module(torch.randn(8, 64)).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_torch_householder_orthogonal_drifts_under_weight_decay_which_is_why_we_use_qr():
     """Documents the failure we avoid: torch's default map on a non-square weight."""
     torch.manual_seed(0)
     lin = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(64, 4, bias=False))
-    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.5)
-    for _ in range(5):
-        loss = lin(torch.randn(8, 64)).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     ours = LoReFT(64, 4)
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.5)
-    for _ in range(5):
-        loss = ours(torch.randn(8, 64)).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    W = lin.weight.detach()
+    _five_adamw_steps(lin)
+    _five_adamw_steps(ours)
+    W, R = lin.weight.detach(), ours.R.detach()
     torch_error = (W @ W.T - torch.eye(4)).abs().max().item()
-    our_error = (ours.R.detach() @ ours.R.detach().T - torch.eye(4)).abs().max().item()
+    our_error = (R @ R.T - torch.eye(4)).abs().max().item()
     assert our_error < 1e-5
     assert our_error < torch_error
