@@ -14,38 +14,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-
-
-class PeakRSS:
-    """Samples this process's resident memory every few ms (ru_maxrss would include loading)."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+from reftbench.record import PeakRSS  # noqa: E402
 
 
 def timed(fn):

@@ -6,6 +6,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -38,8 +39,40 @@ def git_commit() -> str | None:
         return None
 
 
-def peak_memory(device: torch.device) -> dict:
-    out = {"cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every few ms.
+
+    ru_maxrss can't be reset, so in a multirun it would report the largest earlier job."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: fall back to the process-lifetime peak
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def peak_memory(device: torch.device, rss: PeakRSS) -> dict:
+    out = {"cpu_peak_rss_gib": rss.peak / 2**30}
     if device.type == "cuda":
         out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out

@@ -12,7 +12,7 @@ from . import methods, models, tasks
 from .data import encode_example
 from .errors import ConfigError
 from .evaluate import evaluate
-from .record import command_line, git_commit, peak_memory, versions, write_json_atomic
+from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
 from .train import check_trainer, train
 
 log = logging.getLogger("reftbench")
@@ -39,9 +39,17 @@ def check_run(cfg) -> None:
 
 
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
+    with PeakRSS() as rss:
+        record = _run(cfg, Path(out_dir))
+    record["memory"] = peak_memory(pick_device(cfg.device), rss)
+    record["overrides"] = list(overrides or [])
+    write_json_atomic(Path(out_dir) / "result.json", record)
+    return record
+
+
+def _run(cfg, out_dir: Path) -> dict:
     t0 = time.time()
     check_run(cfg)
-    out_dir = Path(out_dir)
     seed_everything(int(cfg.seed))
     device = pick_device(cfg.device)
     task = tasks.build(cfg.task)
@@ -82,16 +90,15 @@ def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
         "params": params,
         "train": stats,
         "wall_seconds": time.time() - t0,
-        "memory": peak_memory(device),
+        "memory": None,  # filled in by run() once the whole run is measured
         "samples": [{"prompt": task.prompt(r), "answer": r["answer"], "output": o}
                     for r, o in list(zip(test_records, outputs))[:5]],
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "overrides": list(overrides or []),
+        "overrides": None,
         "command": command_line(),
         "versions": versions(),
         "git_commit": git_commit(),
     }
-    write_json_atomic(out_dir / "result.json", record)
     if wandb_log:
         import wandb
         wandb.log({f"eval/{k}_accuracy": v["accuracy"] for k, v in metrics.items()})
