@@ -155,3 +155,11 @@ def test_other_llama_family_decoders(family):
             edited = model(input_ids=ids).logits
     moved = (edited - plain).abs().amax(-1)[0] > 0
     assert moved.tolist() == [False] * 5 + [True]  # causal: only the last position sees the edit
+
+
+def test_hydra_list_layers_save_as_plain_json(tmp_path, llama):
+    from omegaconf import OmegaConf
+    m = methods.build(OmegaConf.create(method_cfg(layers=[0, 2])), llama.model)
+    m.save(tmp_path / "iv")
+    assert '"layers": [\n    0,\n    2\n  ]' in (tmp_path / "iv" / "method.json").read_text()
+    assert m.layer_ids == [0, 2]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from omegaconf import OmegaConf
 from torch import nn
 
 from ..errors import ConfigError
@@ -67,7 +68,6 @@ class Method(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
-
     def save(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ class Method(nn.Module):
 
 
 def _config_from(cfg) -> MethodConfig:
-    data = dict(cfg)
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     name = data.get("name")
     if name not in REGISTRY:
         raise ConfigError(f"intervention={name!r} is unknown: choose one of {', '.join(sorted(REGISTRY))}")
