@@ -72,3 +72,11 @@ def test_same_seed_same_numbers(tmp_path):
     b = run(cfg, tmp_path / "b")
     assert a["metrics"] == b["metrics"] and a["train"]["final_loss"] == b["train"]["final_loss"]
     assert a["samples"] == b["samples"]
+
+
+def test_dry_run_loads_nothing_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    res = reftbench("dry_run=true", "model=llama-7b", "intervention.rank=8", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dry run: loreft on chain-sum (llama-7b, seed 42): 2,097,408 trainable of 6,738,415,616 base params (0.031%)" in res.stdout
+    assert not (out / "result.json").exists()

@@ -1,5 +1,6 @@
 """Load the base model and tokenizer a config names, and find the layers interventions attach to."""
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -167,6 +168,42 @@ def _random(cfg, kind: str, dtype: torch.dtype, num_labels: int | None, seed: in
         torch.manual_seed(seed)
         model = _auto_class(kind).from_config(conf, dtype=dtype)
     return model, tok
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
+
+
+def architecture(cfg) -> dict:
+    """The model's architecture without its weights: the shipped JSON, or a random model's mapping."""
+    if cfg.get("path"):
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(cfg.path).to_dict()
+    if cfg.source == "random":
+        return dict(cfg.architecture)
+    path = CONFIGS_DIR / f"{cfg.name}.json"
+    if not path.is_file():
+        raise ConfigError(f"model={cfg.name} has no shipped architecture file {path.name} in {CONFIGS_DIR}")
+    data = json.loads(path.read_text())
+    data.pop("_source", None)
+    return data
+
+
+def build_meta(cfg, kind: str = "decoder", num_labels: int | None = None) -> nn.Module:
+    """The model on PyTorch's meta device: shapes and parameter counts, no weights, no download."""
+    from transformers import AutoConfig
+    arch = architecture(cfg)
+    mt = arch.pop("model_type")
+    conf = AutoConfig.for_model(mt, **{k: v for k, v in arch.items() if k not in ("architectures", "transformers_version")})
+    if num_labels:
+        conf.num_labels = num_labels
+    with torch.device("meta"):
+        model = _auto_class(kind).from_config(conf)
+    found = check_supported(model)
+    if found != kind:
+        raise ConfigError(f"model={cfg.name} is an {found} but task needs a {kind}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 0) -> Loaded:

@@ -38,6 +38,24 @@ def check_run(cfg) -> None:
             raise ConfigError(f"{key}={value!r} must be a {'non-negative' if key == 'seed' else 'positive'} integer")
 
 
+def plan(cfg) -> dict:
+    """What a run would do and what it would train, from shipped architecture files on the meta
+    device: no weights, no data, nothing written."""
+    check_run(cfg)
+    task = tasks.build(cfg.task)
+    check_trainer(cfg.trainer)
+    model = models.build_meta(cfg.model, kind="decoder")
+    method = methods.build(cfg.intervention, model)
+    return {"model": cfg.model.name, "task": task.name, "method": cfg.intervention.name, "seed": int(cfg.seed),
+            "params": method.param_counts()}
+
+
+def plan_line(p: dict) -> str:
+    c = p["params"]
+    return (f"dry run: {p['method']} on {p['task']} ({p['model']}, seed {p['seed']}): "
+            f"{c['trainable']:,} trainable of {c['base']:,} base params ({c['percent']:.3f}%)")
+
+
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
     with PeakRSS() as rss:
         record = _run(cfg, Path(out_dir))
