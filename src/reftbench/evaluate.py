@@ -39,5 +39,9 @@ def score(task, records: list[dict], outputs: list[str]) -> dict:
 
 def evaluate(model, tokenizer, task, records, batch_size, method=None, desc="eval"):
     outputs = generate(model, tokenizer, [task.prompt(r) for r in records], task.max_new_tokens,
-                       batch_size, method=method, desc=desc)
-    return score(task, records, outputs), outputs
+                       batch_size, method=method, desc=desc, **task.generation)
+    result = score(task, records, outputs)
+    if task.eval_tasks:  # one run, several test sets (commonsense, math): a score for each
+        from .tasks import accuracy_by_eval_task
+        result["by_task"] = accuracy_by_eval_task(task, records, outputs)
+    return result, outputs

@@ -38,6 +38,14 @@ def check_run(cfg) -> None:
             raise ConfigError(f"{key}={value!r} must be a {'non-negative' if key == 'seed' else 'positive'} integer")
 
 
+def check_generation_task(task) -> None:
+    # GLUE's sequence-classification loop (a head on an encoder, best checkpoint on the selection
+    # split) is not built yet; say so before any weights load.
+    if task.kind != "generation":
+        raise ConfigError(f"task={task.name} is a {task.kind} task: the sequence-classification loop is not "
+                          "implemented yet; generation tasks (commonsense, arithmetic, instruction) run today")
+
+
 def plan(cfg) -> dict:
     """What a run would do and what it would train, from shipped architecture files on the meta
     device: no weights, no data, nothing written."""
@@ -71,6 +79,7 @@ def _run(cfg, out_dir: Path) -> dict:
     seed_everything(int(cfg.seed))
     device = pick_device(cfg.device)
     task = tasks.build(cfg.task)
+    check_generation_task(task)
     check_trainer(cfg.trainer)
     loaded = models.load(cfg.model, kind="decoder", seed=int(cfg.seed))
     model, tok = loaded.model.to(device), loaded.tokenizer
@@ -97,6 +106,10 @@ def _run(cfg, out_dir: Path) -> dict:
                                            desc="eval trained")
     if cfg.save_intervention:
         method.save(out_dir / "intervention")
+    if task.metric == "alpaca_eval":  # open-ended answers are judged offline by `alpaca_eval`
+        path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
+                                       generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
+        metrics["trained"] = {"alpaca_eval_outputs": str(path), "n": len(outputs)}
 
     record = {
         "method": cfg.intervention.name,
@@ -109,7 +122,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "train": stats,
         "wall_seconds": time.time() - t0,
         "memory": None,  # filled in by run() once the whole run is measured
-        "samples": [{"prompt": task.prompt(r), "answer": r["answer"], "output": o}
+        "samples": [{"prompt": task.prompt(r), "answer": r.get("answer"), "output": o}
                     for r, o in list(zip(test_records, outputs))[:5]],
         "config": OmegaConf.to_container(cfg, resolve=True),
         "overrides": None,
@@ -134,9 +147,12 @@ def _wandb(cfg):
 
 def summary(record: dict) -> str:
     m = record["metrics"]
-    frozen = f"frozen {m['frozen']['accuracy']:.3f} -> " if "frozen" in m else ""
+    if "accuracy" in m["trained"]:
+        frozen = f"frozen {m['frozen']['accuracy']:.3f} -> " if "frozen" in m else ""
+        score = f"{frozen}trained {m['trained']['accuracy']:.3f} accuracy on {m['trained']['n']} examples"
+    else:
+        score = f"{m['trained']['n']} answers for alpaca_eval in {m['trained']['alpaca_eval_outputs']}"
     p = record["params"]
-    return (f"{record['method']} on {record['task']} ({record['model']}, seed {record['seed']}): "
-            f"{frozen}trained {m['trained']['accuracy']:.3f} accuracy on {m['trained']['n']} examples | "
+    return (f"{record['method']} on {record['task']} ({record['model']}, seed {record['seed']}): {score} | "
             f"{p['trainable']:,} trainable params ({p['percent']:.4f}%) | {record['train']['steps']} steps | "
             f"{record['wall_seconds']:.0f}s | peak RSS {record['memory']['cpu_peak_rss_gib']:.2f} GiB")

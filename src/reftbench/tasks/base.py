@@ -1,45 +1,94 @@
 """A task is declared in conf/task/*.yaml; this turns that config into data and checks."""
 import random
-from dataclasses import dataclass, field
+import string
+from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
 from .answers import ANSWER_CHECKS
 from .loaders import LOADERS
+from .metrics import GLUE_TASKS, split_validation
 
-_FIELDS = {"name", "version", "source", "template", "target", "answer", "max_new_tokens",
-           "train_limit", "eval_limit", "options"}
+KINDS = ("generation", "classification")
+METRICS = {"accuracy", "alpaca_eval", "matthews_correlation", "pearson"}
 
 
 @dataclass
 class Task:
     name: str
-    version: int
-    source: str
-    template: str  # the prompt, formatted with the record's fields
-    target: str  # what the model learns to produce after the prompt (EOS is appended)
-    answer: str  # name of the answer check
+    version: int  # bump when data, template, answer check, metric or generation settings change
+    source: str  # a loader in loaders.py
+    template: str = ""  # the prompt, formatted with the record's fields
+    target: str = ""  # what the model learns to produce after the prompt (EOS is appended)
+    answer: str = "none"  # name of the answer check in answers.py
+    kind: str = "generation"  # or "classification" (GLUE: a head on an encoder, no prompt)
+    family: str = ""  # commonsense, arithmetic, instruction, glue: for grouping results
+    metric: str = "accuracy"  # the headline number: accuracy, alpaca_eval, matthews_correlation, pearson
     max_new_tokens: int = 32
+    generation: dict = field(default_factory=dict)  # extra model.generate kwargs (greedy is the default)
+    input_template: str | None = None  # the prompt for records whose `input` is not empty
+    answer_args: dict = field(default_factory=dict)  # keyword arguments of the answer check
+    eval_tasks: list = field(default_factory=list)  # several test sets: names of roles in files/hub
+    files: dict = field(default_factory=dict)  # role (train, test, ...) -> file(s) under task.data_dir
+    hub: dict = field(default_factory=dict)  # role -> datasets.load_dataset kwargs, used without data_dir
+    num_labels: int | None = None  # classification: 1 means regression (STS-B)
     train_limit: int | None = None
     eval_limit: int | None = None
     options: dict = field(default_factory=dict)  # source-specific settings
 
     def prompt(self, record: dict) -> str:
+        self._need_generation()
+        if self.input_template and record.get("input"):
+            return self.input_template.format(**record)
         return self.template.format(**record)
 
     def target_text(self, record: dict) -> str:
+        self._need_generation()
         return self.target.format(**record)
 
     def is_correct(self, output: str, record: dict) -> bool:
-        return ANSWER_CHECKS[self.answer](output, record["answer"])
+        return ANSWER_CHECKS[self.answer](output, record.get("answer"), **self.answer_args)
+
+    def load_splits(self, seed: int) -> dict[str, list[dict]]:
+        """{"train", "test"} and, for classification, "select": the part of the validation set
+        used for model selection during training (the rest is the test part)."""
+        raw = LOADERS[self.source](self, seed)
+        out = {"train": raw["train"]}
+        if self.eval_tasks:  # one training set, several test sets: tag each record with its set
+            out["test"] = [dict(r, eval_task=name) for name in self.eval_tasks for r in self._limit(raw[name])]
+        elif self.kind == "classification":
+            out["select"], test = split_validation(raw["validation"], seed)
+            out["test"] = self._limit(test)
+        else:
+            out["test"] = self._limit(raw["test"])
+        # A fixed subset, the same for every method and seed, so scores compare.
+        if self.train_limit and len(out["train"]) > self.train_limit:
+            out["train"] = random.Random(0).sample(out["train"], self.train_limit)
+        return out
 
     def load(self, seed: int) -> tuple[list[dict], list[dict]]:
-        train, test = LOADERS[self.source](self, seed)
-        # A fixed subset, the same for every method and seed, so scores compare.
-        if self.train_limit and len(train) > self.train_limit:
-            train = random.Random(0).sample(train, self.train_limit)
-        if self.eval_limit and len(test) > self.eval_limit:
-            test = test[: self.eval_limit]
-        return train, test
+        splits = self.load_splits(seed)
+        return splits["train"], splits["test"]
+
+    def _need_generation(self):
+        if self.kind != "generation":
+            raise ConfigError(f"task={self.name} is a {self.kind} task (GLUE): it has no prompt or target text; "
+                              "it needs a sequence-classification loop, not generation")
+
+    def _limit(self, records):
+        return records[: self.eval_limit] if self.eval_limit else records
+
+    def record_fields(self, role: str) -> tuple[str, ...]:
+        """The record fields a role's data must have: those the templates use, and `answer`
+        when it is checked."""
+        used = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+        if role == "train":
+            used |= {f for _, f, _, _ in string.Formatter().parse(self.target) if f}
+        elif self.answer != "none":
+            used.add("answer")
+        return tuple(sorted(used))
+
+
+_FIELDS = {f.name for f in fields(Task)}
 
 
 def build(cfg) -> Task:
@@ -48,14 +97,40 @@ def build(cfg) -> Task:
     options = dict(data.pop("options", None) or {})
     for k in extra:  # source-specific keys (data_dir, dataset, ...) sit at the top level of the YAML
         options[k] = data.pop(k)
-    missing = [k for k in ("name", "version", "source", "template", "target", "answer") if k not in data]
+    kind = data.get("kind", "generation")
+    if kind not in KINDS:
+        raise ConfigError(f"task.kind={kind!r} is unknown: choose one of {', '.join(KINDS)}")
+    needed = ("name", "version", "source") + (("template", "target", "answer") if kind == "generation" else ())
+    missing = [k for k in needed if k not in data]
     if missing:
         raise ConfigError(f"task config lacks {', '.join(missing)}")
     if data["source"] not in LOADERS:
         raise ConfigError(f"task.source={data['source']!r} is unknown: choose one of {', '.join(sorted(LOADERS))}")
-    if data["answer"] not in ANSWER_CHECKS:
+    if data.get("answer", "none") not in ANSWER_CHECKS:
         raise ConfigError(f"task.answer={data['answer']!r} is unknown: choose one of {', '.join(sorted(ANSWER_CHECKS))}")
+    if data.get("answer") == "first_match" and not (data.get("answer_args") or {}).get("labels"):
+        raise ConfigError(f"task={data['name']}: answer=first_match needs answer_args.labels (e.g. true|false)")
+    if data.get("metric", "accuracy") not in METRICS:
+        raise ConfigError(f"task.metric={data['metric']!r} is unknown: choose one of {', '.join(sorted(METRICS))}")
+    if kind == "classification" and options.get("glue_task", data["name"]) not in GLUE_TASKS:
+        raise ConfigError(f"task={data['name']}: classification tasks are GLUE tasks ({', '.join(GLUE_TASKS)}); "
+                          "set glue_task=")
     for k in ("train_limit", "eval_limit"):
         if data.get(k) is not None and int(data[k]) < 1:
             raise ConfigError(f"task.{k}={data[k]} must be a positive number of examples (or null for all)")
-    return Task(options=options, **data)
+    for k in ("generation", "answer_args", "files", "hub"):  # plain dicts, not OmegaConf nodes
+        data[k] = _plain(data.get(k) or {})
+    data["eval_tasks"] = list(data.get("eval_tasks") or [])
+    return Task(options=_plain(options), **data)
+
+
+def _plain(value):
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:
+        pass
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,4 +1,9 @@
-"""Data sources, registered by name (a task's `source:` field). Each returns (train, eval) records."""
+"""Data sources, registered by name (a task's `source:` field). Each returns {role: records}:
+"train" and "test" (or one role per name in task.eval_tasks; "validation" for GLUE).
+
+Local files come first: set `task.data_dir=` and each role reads `task.files[role]` under it.
+Without data_dir a role is loaded with `datasets.load_dataset(**task.hub[role])` (online only)."""
+import csv
 import json
 from pathlib import Path
 
@@ -31,28 +36,144 @@ def reasoning_gym(task, seed: int):
     test = make(n_eval, int(task.options.get("test_seed", 1)))
     held_out = {r["question"] for r in test}
     train = [r for r in make(2 * n_train, int(task.options.get("train_seed", 0))) if r["question"] not in held_out]
-    return train[:n_train], test
+    return {"train": train[:n_train], "test": test}
 
 
 def read_json_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise ReftbenchError(f"data file {path} is missing: point task.data_dir at a folder holding it")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReftbenchError(f"data file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReftbenchError(f"data file {path} is not valid JSON ({_first_line(e)})") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) and all(k in r for k in required) for r in data):
         raise ReftbenchError(f"data file {path} must be a JSON list of records with keys {', '.join(required)}")
     return data
 
 
+def read_tsv(path: Path, header: list[str] | None = None) -> list[dict]:
+    """A GLUE TSV: tab-separated, first row the column names unless `header` is given. No quote
+    handling: GLUE sentences contain bare quotes (csv.QUOTE_NONE, as the GLUE processors do)."""
+    if not path.is_file():
+        raise ReftbenchError(f"data file {path} is missing: point task.data_dir at a folder holding it")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not header:
+        if not rows:
+            raise ReftbenchError(f"data file {path} is empty: expected a TSV with a header row")
+        header, rows = rows[0], rows[1:]
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) < len(header):
+            raise ReftbenchError(f"data file {path} line {i + 2}: {len(row)} columns, expected {len(header)} "
+                                 f"({', '.join(header)})")
+        out.append(dict(zip(header, row)))
+    return out
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _data_dir(task) -> Path | None:
+    d = task.options.get("data_dir")
+    return Path(d).expanduser() if d else None
+
+
+def _role(task, role: str, read) -> list[dict]:
+    """One role's records: `read(path)` for each local file (a list of files is concatenated),
+    else the hub."""
+    root = _data_dir(task)
+    if root is not None:
+        spec = task.files.get(role)
+        if not spec:
+            raise ReftbenchError(f"task={task.name} names no local file for its {role} data: set task.files.{role}=")
+        return [r for p in ([spec] if isinstance(spec, str) else spec) for r in read(root / p)]
+    if role not in task.hub:
+        raise ReftbenchError(f"task={task.name} reads local files: set task.data_dir=/path/to/folder "
+                             f"(holding {task.files.get(role, 'its files')})")
+    return from_hub(task, role)
+
+
+def from_hub(task, role: str) -> list[dict]:
+    kwargs = dict(task.hub[role])
+    convert = CONVERTERS[kwargs.pop("convert")] if "convert" in kwargs else None
+    what = kwargs.get("data_files") if kwargs.get("path") == "json" else kwargs.get("path")
+    try:
+        from datasets import load_dataset
+        ds = load_dataset(**kwargs)
+    except Exception as e:  # offline, missing repo, bad split: one line, not a traceback
+        raise ReftbenchError(f"task={task.name}: cannot load {what} ({_first_line(e)[:200]}); offline, download it "
+                             f"once and set task.data_dir=/folder/holding/{task.files.get(role, role)}") from None
+    records = [dict(r) for r in ds]
+    return [convert(r) for r in records] if convert else records
+
+
+def _best_completion(r: dict) -> dict:
+    """openbmb/UltraFeedback rows -> {instruction, input, output}: the completion with the highest
+    `overall_score`. An assumption: the paper does not spell out its UltraFeedback preprocessing."""
+    best = max(r["completions"], key=lambda c: float(c.get("overall_score") or 0))
+    return {"instruction": r["instruction"], "input": "", "output": best["response"]}
+
+
+CONVERTERS = {"best_completion": _best_completion}
+
+
 @register("llm_adapters")
 def llm_adapters(task, seed: int):
-    """LLM-Adapters JSON files ({instruction, input, output, answer}) under task.data_dir."""
-    if not task.options.get("data_dir"):
-        raise ReftbenchError(f"task={task.name} reads local files: set task.data_dir=/path/to/llm-adapters-style/folder")
-    root = Path(task.options["data_dir"])
-    req = ("instruction", "output", "answer")
-    train = read_json_records(root / task.options.get("train_file", "train.json"), req)
-    test = read_json_records(root / task.options.get("test_file", "test.json"), req)
-    return train, test
+    """JSON lists of {instruction, input, output, answer} (the LLM-Adapters format; AlpacaEval's
+    805 instructions and Alpaca-style training sets fit it too). Roles: train, then test or each
+    name in task.eval_tasks. A role with no file and no hub entry (e.g. `files.train: null`) is
+    empty."""
+    out = {}
+    for role in ["train"] + (list(task.eval_tasks) or ["test"]):
+        required = task.record_fields("train" if role == "train" else "test")
+        if not task.files.get(role) and role not in task.hub:
+            out[role] = []
+            continue
+        records = _role(task, role, lambda p, req=required: read_json_records(p, req))
+        missing = sorted({k for r in records[:1] for k in required if k not in r})
+        if missing:
+            raise ReftbenchError(f"task={task.name}: {role} data lacks {', '.join(missing)}")
+        out[role] = records
+    return out
+
+
+@register("glue")
+def glue(task, seed: int):
+    """GLUE as {text, text_pair, label} records: `columns` name the text fields of the hub data
+    (pyreft examples/loreft/dataset.py glue_task_to_keys); local TSVs use `tsv_columns`,
+    `tsv_label` (and `tsv_header` when the file has none, as CoLA's), with `label_names`
+    turning label strings into indices in the hub's order."""
+    o = task.options
+    columns = list(o.get("columns") or [])
+    tsv_columns = list(o.get("tsv_columns") or columns)
+    label_names = list(o.get("label_names") or [])
+    regression = task.num_labels == 1
+
+    def label(value, where):
+        try:
+            if regression:
+                return float(value)
+            return label_names.index(value) if value in label_names else int(value)
+        except ValueError:
+            raise ReftbenchError(f"{where}: label {value!r} is not "
+                                 f"{'a number' if regression else 'one of ' + ', '.join(label_names or ['0', '1', '...'])}") from None
+
+    def normal(rows, cols, label_col, where):
+        if rows and any(c not in rows[0] for c in cols + [label_col]):
+            raise ReftbenchError(f"{where} must have the columns {', '.join(cols + [label_col])}; "
+                                 f"it has {', '.join(rows[0])}")
+        return [{"text": r[cols[0]], "text_pair": r[cols[1]] if len(cols) > 1 else None,
+                 "label": label(r[label_col], where)} for r in rows]
+
+    root = _data_dir(task)
+    out = {}
+    for role in ("train", "validation"):
+        if root is not None:
+            out[role] = _role(task, role, lambda p: normal(read_tsv(p, o.get("tsv_header")), tsv_columns,
+                                                           o.get("tsv_label", "label"), f"data file {p}"))
+        else:
+            out[role] = normal(_role(task, role, None), columns, "label", f"task={task.name} hub {role} data")
+    return out
