@@ -65,7 +65,7 @@ def test_training_lowers_the_loss_and_keeps_R_orthonormal(llama):
         before = answer_loss(llama.model, batch).item()
     cfg = OmegaConf.create(dict(epochs=None, max_steps=40, lr=2e-2, batch_size=12, grad_accum=1,
                                 weight_decay=0.1, warmup_ratio=0.1, max_length=64, max_grad_norm=1.0))
-    train(llama.model, m, exs, cfg, tok.pad_token_id, seed=0)
+    train(llama.model, m, exs, cfg, lambda b: collate_train(b, tok.pad_token_id), seed=0)
     with torch.no_grad(), m.context(batch):
         after = answer_loss(llama.model, batch).item()
     assert after < before - 0.3

@@ -45,3 +45,22 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask,
             "prompt_lengths": [len(p) for p in prompts],
             "prompt_offsets": [width - len(p) for p in prompts]}
+
+
+def encode_pair(tokenizer, record: dict, max_length: int) -> dict:
+    """A GLUE example: one text or a pair, truncated to max_length. Positions fN+lM count over
+    the whole input, which plays the prompt's part."""
+    enc = tokenizer(record["text"], record.get("text_pair"), truncation=True, max_length=max_length)
+    return {"input_ids": enc["input_ids"], "label": record["label"], "prompt_length": len(enc["input_ids"])}
+
+
+def collate_classification(examples: list[dict], pad_id: int, regression: bool = False) -> dict:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[b, : len(e["input_ids"])] = 1
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "prompt_lengths": [e["prompt_length"] for e in examples], "prompt_offsets": [0] * len(examples)}

@@ -9,9 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from . import methods, models, tasks
-from .data import encode_example
 from .errors import ConfigError
-from .evaluate import evaluate
+from .objectives import OBJECTIVES
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
 from .train import check_trainer, train
 
@@ -38,21 +37,13 @@ def check_run(cfg) -> None:
             raise ConfigError(f"{key}={value!r} must be a {'non-negative' if key == 'seed' else 'positive'} integer")
 
 
-def check_generation_task(task) -> None:
-    # GLUE's sequence-classification loop (a head on an encoder, best checkpoint on the selection
-    # split) is not built yet; say so before any weights load.
-    if task.kind != "generation":
-        raise ConfigError(f"task={task.name} is a {task.kind} task: the sequence-classification loop is not "
-                          "implemented yet; generation tasks (commonsense, arithmetic, instruction) run today")
-
-
 def plan(cfg) -> dict:
     """What a run would do and what it would train, from shipped architecture files on the meta
     device: no weights, no data, nothing written."""
     check_run(cfg)
     task = tasks.build(cfg.task)
     check_trainer(cfg.trainer)
-    model = models.build_meta(cfg.model, kind="decoder")
+    model = models.build_meta(cfg.model, kind=OBJECTIVES[task.kind].model_kind, num_labels=task.num_labels)
     method = methods.build(cfg.intervention, model)
     return {"model": cfg.model.name, "task": task.name, "method": cfg.intervention.name, "seed": int(cfg.seed),
             "params": method.param_counts()}
@@ -79,33 +70,42 @@ def _run(cfg, out_dir: Path) -> dict:
     seed_everything(int(cfg.seed))
     device = pick_device(cfg.device)
     task = tasks.build(cfg.task)
-    check_generation_task(task)
     check_trainer(cfg.trainer)
-    loaded = models.load(cfg.model, kind="decoder", seed=int(cfg.seed))
+    kind = OBJECTIVES[task.kind]
+    loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed))
     model, tok = loaded.model.to(device), loaded.tokenizer
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
-    train_records, test_records = task.load(int(cfg.seed))
-    encoded = [e for r in train_records
-               if (e := encode_example(tok, task.prompt(r), task.target_text(r), cfg.trainer.max_length))]
-    if not encoded:
+    objective = kind(task, tok, cfg.trainer.max_length)
+    splits = task.load_splits(int(cfg.seed))
+    train_set, test_records, select = objective.encode(splits["train"]), splits["test"], splits.get("select")
+    if not train_set:
         raise ConfigError(f"no training example of task={task.name} fits trainer.max_length={cfg.trainer.max_length}")
-    log.info("task %s: %d train / %d test examples", task.name, len(encoded), len(test_records))
+    log.info("task %s: %d train / %d test examples%s", task.name, len(train_set), len(test_records),
+             f" / {len(select)} for model selection" if select else "")
 
     metrics = {}
-    if cfg.eval_frozen:
-        metrics["frozen"], _ = evaluate(model, tok, task, test_records, cfg.eval_batch_size, desc="eval frozen")
-        log.info("frozen model: accuracy %.3f", metrics["frozen"]["accuracy"])
+    if cfg.eval_frozen and objective.frozen_baseline:
+        metrics["frozen"], _ = objective.evaluate(model, test_records, cfg.eval_batch_size, desc="eval frozen")
+        log.info("frozen model: %s", _score_text(metrics["frozen"]))
 
     wandb_log = _wandb(cfg)
     seed_everything(int(cfg.seed))  # the method's initialisation does not depend on eval_frozen
     method = methods.build(cfg.intervention, model).to(device)
     params = method.param_counts()
     log.info("method %s: %d trainable parameters (%.4f%%)", cfg.intervention.name, params["trainable"], params["percent"])
-    stats = train(model, method, encoded, cfg.trainer, tok.pad_token_id, int(cfg.seed), log=wandb_log)
-    metrics["trained"], outputs = evaluate(model, tok, task, test_records, cfg.eval_batch_size, method=method,
-                                           desc="eval trained")
+    head = objective.head_parameters(model)
+    selection = _Selection(objective, model, method, head, select, cfg.eval_batch_size) if select else None
+    stats = train(model, method, train_set, cfg.trainer, objective.collate, objective.loss, int(cfg.seed),
+                  log=wandb_log, extra_params=head, on_epoch_end=selection)
+    if selection:
+        stats.update(selection.restore_best())
+    metrics["trained"], outputs = objective.evaluate(model, test_records, cfg.eval_batch_size, method=method,
+                                                     desc="eval trained")
     if cfg.save_intervention:
         method.save(out_dir / "intervention")
+        if head:  # the head trained too: keep it beside the intervention
+            from safetensors.torch import save_file
+            save_file({str(i): p.detach().contiguous() for i, p in enumerate(head)}, str(out_dir / "intervention" / "head.safetensors"))
     if task.metric == "alpaca_eval":  # open-ended answers are judged offline by `alpaca_eval`
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
@@ -115,6 +115,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "method": cfg.intervention.name,
         "task": task.name,
         "task_version": task.version,
+        "metric": task.metric,
         "model": cfg.model.name,
         "seed": int(cfg.seed),
         "metrics": metrics,
@@ -122,8 +123,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "train": stats,
         "wall_seconds": time.time() - t0,
         "memory": None,  # filled in by run() once the whole run is measured
-        "samples": [{"prompt": task.prompt(r), "answer": r.get("answer"), "output": o}
-                    for r, o in list(zip(test_records, outputs))[:5]],
+        "samples": [objective.sample(r, o) for r, o in list(zip(test_records, outputs))[:5]],
         "config": OmegaConf.to_container(cfg, resolve=True),
         "overrides": None,
         "command": command_line(),
@@ -132,9 +132,40 @@ def _run(cfg, out_dir: Path) -> dict:
     }
     if wandb_log:
         import wandb
-        wandb.log({f"eval/{k}_accuracy": v["accuracy"] for k, v in metrics.items()})
+        wandb.log({f"eval/{k}_score": v["score"] for k, v in metrics.items() if "score" in v})
         wandb.finish()
     return record
+
+
+class _Selection:
+    """Score the selection split after each epoch; keep and finally restore the best state
+    (the paper's GLUE protocol: the checkpoint best on the selection split is tested)."""
+
+    def __init__(self, objective, model, method, head, records, batch_size):
+        self.objective, self.model, self.method, self.head = objective, model, method, head
+        self.records, self.batch_size = records, batch_size
+        self.best, self.best_epoch, self.state = float("-inf"), None, None
+
+    def __call__(self, epoch):
+        metrics, _ = self.objective.evaluate(self.model, self.records, self.batch_size, method=self.method,
+                                             desc=f"select {epoch}")
+        log.info("epoch %d: selection %s", epoch, _score_text(metrics))
+        if metrics["score"] > self.best:
+            self.best, self.best_epoch = metrics["score"], epoch
+            self.state = ({k: v.detach().clone() for k, v in self.method.state_dict().items()},
+                          [p.detach().clone() for p in self.head])
+
+    def restore_best(self) -> dict:
+        method_state, head_state = self.state
+        self.method.load_state_dict(method_state)
+        with torch.no_grad():
+            for p, saved in zip(self.head, head_state):
+                p.copy_(saved)
+        return {"best_epoch": self.best_epoch, "selection_score": self.best}
+
+
+def _score_text(m: dict) -> str:
+    return f"score {m['score']:.3f} on {m['n']} examples" if "score" in m else f"{m.get('n')} outputs"
 
 
 def _wandb(cfg):
@@ -147,9 +178,9 @@ def _wandb(cfg):
 
 def summary(record: dict) -> str:
     m = record["metrics"]
-    if "accuracy" in m["trained"]:
-        frozen = f"frozen {m['frozen']['accuracy']:.3f} -> " if "frozen" in m else ""
-        score = f"{frozen}trained {m['trained']['accuracy']:.3f} accuracy on {m['trained']['n']} examples"
+    if "score" in m["trained"]:
+        frozen = f"frozen {m['frozen']['score']:.3f} -> " if "score" in m.get("frozen", {}) else ""
+        score = f"{frozen}trained {m['trained']['score']:.3f} {record['metric']} on {m['trained']['n']} examples"
     else:
         score = f"{m['trained']['n']} answers for alpaca_eval in {m['trained']['alpaca_eval_outputs']}"
     p = record["params"]

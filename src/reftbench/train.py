@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .data import collate_train
 from .errors import ConfigError
 from .models import backbone
 
@@ -41,27 +40,34 @@ def check_trainer(cfg):
         raise ConfigError(f"trainer.weight_decay={cfg.weight_decay} must be >= 0")
 
 
-def train(model, method, examples: list[dict], cfg, pad_id: int, seed: int, log=None) -> dict:
-    """examples: encoded by data.encode_example. cfg: the `trainer` config group."""
+def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed: int = 0, log=None,
+          extra_params=(), on_epoch_end=None) -> dict:
+    """cfg: the `trainer` config group. `extra_params` train beside the method's (a classification
+    head); `on_epoch_end(epoch)` runs after each pass over the data (model selection)."""
     check_trainer(cfg)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         collate_fn=lambda b: collate_train(b, pad_id), drop_last=False)
+                                         collate_fn=collate, drop_last=False)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
-    params = method.trainable_parameters()
+    extra = list(extra_params)
+    for p in extra:
+        p.requires_grad_(True)
+    params = method.trainable_parameters() + extra
+    step, micro, epoch, losses, t0 = 0, 0, 0, [], time.time()
+    if not params:  # nothing to train (intervention=none on a generation task): the frozen model
+        return {"steps": 0, "train_seconds": 0.0, "final_loss": None}
     lr = method.config.lr or cfg.lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     method.train()
-    step, micro, losses, t0 = 0, 0, [], time.time()
     bar = tqdm(total=total, desc="train", unit="step", leave=False, dynamic_ncols=True, disable=None)
     while step < total:
         for batch in loader:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with method.context(batch):
-                loss = answer_loss(model, batch)
+                loss = loss_fn(model, batch)
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
             micro += 1
@@ -80,7 +86,12 @@ def train(model, method, examples: list[dict], cfg, pad_id: int, seed: int, log=
                 log({"train/loss": recent, "train/lr": sched.get_last_lr()[0]}, step)
             if step >= total:
                 break
+        epoch += 1
+        if on_epoch_end:
+            method.eval()
+            on_epoch_end(epoch)
+            method.train()
     bar.close()
     method.eval()
     tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": step, "train_seconds": time.time() - t0, "final_loss": sum(tail) / len(tail)}
+    return {"steps": step, "epochs": epoch, "train_seconds": time.time() - t0, "final_loss": sum(tail) / len(tail)}

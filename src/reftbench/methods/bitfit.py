@@ -1,0 +1,43 @@
+"""BitFit (Ben Zaken et al. 2022): only the base model's bias terms train (linear and LayerNorm).
+
+Like `full`, the method registers the model's own bias Parameters, so its state is exactly them.
+"""
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import check_supported, model_type
+from .base import Method, MethodConfig, register
+from .full import body, key
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    pass
+
+
+def biases(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in body(model).named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+
+
+@register("bitfit", BitFitConfig)
+class BitFitMethod(Method):
+    @classmethod
+    def check(cls, config: BitFitConfig, model: nn.Module) -> None:
+        check_supported(model)
+        if not biases(model):
+            raise ConfigError(f"intervention=bitfit needs bias terms, but this {model_type(model)} model has none "
+                              "(Llama-style models are built without biases): use another method or an encoder")
+
+    def __init__(self, config: BitFitConfig, model: nn.Module):
+        super().__init__(config, model)
+        self.biases = nn.ParameterDict({key(n): p for n, p in biases(model).items()})
+        for p in self.biases.values():
+            p.requires_grad_(True)
+
+    def trainable_parameters(self):
+        return list(self.biases.values())
+
+    def added_parameters(self) -> int:
+        return 0

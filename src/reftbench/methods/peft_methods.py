@@ -1,0 +1,109 @@
+"""LoRA and DoRA through peft, injected in place so the model keeps its class and attribute paths.
+
+LoRA   W x + (alpha / r) · B A x,  A ∈ ℝ^{r×in} (Kaiming-uniform), B ∈ ℝ^{out×r} (zeros)
+DoRA   m ⊙ (W + (alpha / r) B A) x / ||W + (alpha / r) B A||_row,  m initialised to ||W||_row; the norm
+       is detached from the gradient as the DoRA paper (section 4.3) suggests (peft does this)
+
+Both start as the identity edit (B = 0). Adapters go into the backbone only: never the LM head
+nor a classification head.
+"""
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import backbone, check_supported
+from .base import Method, MethodConfig, register
+
+ADAPTER = "default"
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    rank: int = 32
+    alpha: float = 64
+    dropout: float = 0.05
+    target_modules: object = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def parse_targets(spec) -> list[str]:
+    if isinstance(spec, str):
+        spec = spec.replace(",", ";").split(";")
+    try:
+        out = [str(s).strip() for s in spec if str(s).strip()]
+    except TypeError:
+        out = []
+    if not out:
+        raise ConfigError(f"intervention.target_modules={spec!r} is empty or malformed: use a list or a string like q_proj;v_proj")
+    return list(dict.fromkeys(out))
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in backbone(model).named_modules() if isinstance(m, nn.Linear)}
+
+
+class Lora(Method):
+    use_dora = False
+
+    @classmethod
+    def check(cls, config: LoraMethodConfig, model: nn.Module) -> None:
+        check_supported(model)
+        if not isinstance(config.rank, int) or isinstance(config.rank, bool) or config.rank < 1:
+            raise ConfigError(f"intervention.rank={config.rank} is out of range: use a positive integer")
+        if not float(config.alpha) > 0:
+            raise ConfigError(f"intervention.alpha={config.alpha} must be positive")
+        if not 0.0 <= float(config.dropout) < 1.0:
+            raise ConfigError(f"intervention.dropout={config.dropout} is out of range: use 0 <= p < 1")
+        have = _linear_names(model)
+        missing = [t for t in parse_targets(config.target_modules) if t not in have]
+        if missing:
+            raise ConfigError(f"intervention.target_modules has {missing[0]!r}, but the model has no Linear layer "
+                              f"of that name; it has {', '.join(sorted(have))}")
+
+    def __init__(self, config: LoraMethodConfig, model: nn.Module):
+        super().__init__(config, model)  # counts the base before the adapters exist
+        peft_config = LoraConfig(r=config.rank, lora_alpha=float(config.alpha), lora_dropout=float(config.dropout),
+                                 target_modules=parse_targets(config.target_modules), use_dora=self.use_dora,
+                                 bias="none")
+        bb = backbone(model)
+        inject_adapter_in_model(peft_config, bb, adapter_name=ADAPTER)
+        # The adapted layers' own weights stay out of the method; the small modules peft added are
+        # held here too, so state_dict() is exactly the adapter weights and train() reaches the dropout.
+        self._wrapped = []  # plain list: not submodules, the base weights must not enter state_dict
+        adapters = {}
+        for name, m in bb.named_modules():
+            if isinstance(m, LoraLayer):
+                parts = {"A": m.lora_A[ADAPTER], "B": m.lora_B[ADAPTER], "dropout": m.lora_dropout[ADAPTER]}
+                if self.use_dora:
+                    parts["magnitude"] = m.lora_magnitude_vector[ADAPTER]
+                adapters[name.replace(".", "-")] = nn.ModuleDict(parts)
+                self._wrapped.append(m)
+                m.eval()  # peft builds its modules in training mode; the model was in eval mode
+        self.adapters = nn.ModuleDict(adapters)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # DoRA applies dropout only when the wrapping layer is in training mode; flip just that flag
+        # (not its children) so the base model itself stays in eval mode.
+        for m in self._wrapped:
+            m.training = mode
+        return self
+
+    def trainable_parameters(self):
+        return list(self.adapters.parameters())
+
+    def added_parameters(self) -> int:
+        return sum(p.numel() for p in self.adapters.parameters())
+
+
+@register("lora", LoraMethodConfig)
+class LoraMethod(Lora):
+    use_dora = False
+
+
+@register("dora", LoraMethodConfig)
+class DoraMethod(Lora):
+    use_dora = True

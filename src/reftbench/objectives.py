@@ -1,0 +1,96 @@
+"""What training optimises and evaluation measures, per kind of task.
+
+`generation` (commonsense, arithmetic, instruction): a decoder learns the target text after the
+prompt; evaluation generates and applies the task's answer check.
+`classification` (GLUE): an encoder with a classification head; the head trains (not counted as
+the method's parameters); evaluation predicts labels and computes the task's GLUE metric.
+The runner picks one by `task.kind` and otherwise treats them alike.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import collate_classification, collate_train, encode_example, encode_pair
+from .evaluate import evaluate as evaluate_generation
+from .train import answer_loss
+
+
+class Generation:
+    model_kind = "decoder"
+    frozen_baseline = True  # the untouched model can answer: score it on the same examples
+
+    def __init__(self, task, tokenizer, max_length: int):
+        self.task, self.tok, self.max_length = task, tokenizer, max_length
+
+    def encode(self, records):
+        return [e for r in records
+                if (e := encode_example(self.tok, self.task.prompt(r), self.task.target_text(r), self.max_length))]
+
+    def collate(self, examples):
+        return collate_train(examples, self.tok.pad_token_id)
+
+    loss = staticmethod(answer_loss)
+
+    def head_parameters(self, model):
+        return []
+
+    def evaluate(self, model, records, batch_size, method=None, desc="eval"):
+        metrics, outputs = evaluate_generation(model, self.tok, self.task, records, batch_size, method=method, desc=desc)
+        if "accuracy" in metrics:
+            metrics["score"] = metrics["accuracy"]
+        return metrics, outputs
+
+    def sample(self, record, output):
+        return {"prompt": self.task.prompt(record), "answer": record.get("answer"), "output": output}
+
+
+class Classification:
+    model_kind = "encoder"
+    # An encoder with a fresh head scores at chance; the fair frozen baseline is a linear probe:
+    # `intervention=none` trains the head alone.
+    frozen_baseline = False
+
+    def __init__(self, task, tokenizer, max_length: int):
+        self.task, self.tok, self.max_length = task, tokenizer, max_length
+        self.regression = task.num_labels == 1
+
+    def encode(self, records):
+        return [encode_pair(self.tok, r, self.max_length) for r in records]
+
+    def collate(self, examples):
+        return collate_classification(examples, self.tok.pad_token_id, regression=self.regression)
+
+    def loss(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1).float(), batch["labels"])
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def head_parameters(self, model):
+        head = getattr(model, "classifier", None) or getattr(model, "score", None)
+        return list(head.parameters()) if head is not None else []
+
+    @torch.inference_mode()
+    def evaluate(self, model, records, batch_size, method=None, desc="eval"):
+        from .tasks import glue_metrics
+        from contextlib import nullcontext
+        device = next(model.parameters()).device
+        examples = self.encode(records)
+        preds = []
+        for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+            batch = self.collate(examples[start:start + batch_size])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with method.context(batch) if method is not None else nullcontext():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            preds += (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
+        labels = [r["label"] for r in records]
+        metrics = glue_metrics(self.task.options.get("glue_task", self.task.name), preds, labels)
+        metrics.update(score=metrics[self.task.metric], n=len(records))
+        return metrics, [str(p) for p in preds]
+
+    def sample(self, record, output):
+        return {"text": record["text"], "text_pair": record.get("text_pair"), "label": record["label"],
+                "prediction": output}
+
+
+OBJECTIVES = {"generation": Generation, "classification": Classification}
