@@ -67,8 +67,12 @@ class Classification:
         return F.cross_entropy(logits.float(), batch["labels"])
 
     def head_parameters(self, model):
-        head = getattr(model, "classifier", None) or getattr(model, "score", None)
-        return list(head.parameters()) if head is not None else []
+        """Everything after the encoder layers. RoBERTa's head is dense+tanh+projection; BERT
+        splits the same thing into its pooler (dense+tanh on [CLS]) and classifier, so both train."""
+        from .models import backbone
+        parts = [getattr(model, "classifier", None) or getattr(model, "score", None),
+                 getattr(backbone(model), "pooler", None)]
+        return [p for part in parts if part is not None for p in part.parameters()]
 
     @torch.inference_mode()
     def evaluate(self, model, records, batch_size, method=None, desc="eval"):
