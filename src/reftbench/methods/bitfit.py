@@ -27,8 +27,8 @@ class BitFitMethod(Method):
     def check(cls, config: BitFitConfig, model: nn.Module) -> None:
         check_supported(model)
         if not biases(model):
-            raise ConfigError(f"intervention=bitfit needs bias terms, but this {model_type(model)} model has none "
-                              "(Llama-style models are built without biases): use another method or an encoder")
+            raise ConfigError(f"intervention=bitfit trains only bias terms, but this {model_type(model)} model has no "
+                              "bias terms (Llama-style models are built without them): use another method")
 
     def __init__(self, config: BitFitConfig, model: nn.Module):
         super().__init__(config, model)

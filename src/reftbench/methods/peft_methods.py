@@ -40,6 +40,10 @@ def parse_targets(spec) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _linear_names(model: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in backbone(model).named_modules() if isinstance(m, nn.Linear)}
 
@@ -52,9 +56,9 @@ class Lora(Method):
         check_supported(model)
         if not isinstance(config.rank, int) or isinstance(config.rank, bool) or config.rank < 1:
             raise ConfigError(f"intervention.rank={config.rank} is out of range: use a positive integer")
-        if not float(config.alpha) > 0:
-            raise ConfigError(f"intervention.alpha={config.alpha} must be positive")
-        if not 0.0 <= float(config.dropout) < 1.0:
+        if not (_number(config.alpha) and config.alpha > 0):
+            raise ConfigError(f"intervention.alpha={config.alpha} must be a positive number")
+        if not (_number(config.dropout) and 0.0 <= config.dropout < 1.0):
             raise ConfigError(f"intervention.dropout={config.dropout} is out of range: use 0 <= p < 1")
         have = _linear_names(model)
         missing = [t for t in parse_targets(config.target_modules) if t not in have]
