@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .errors import ReftbenchError
@@ -25,6 +26,8 @@ def _app(cfg: DictConfig) -> None:
         record = run(cfg, Path(hc.runtime.output_dir), overrides=list(hc.overrides.task))
     except ReftbenchError as e:
         print(f"reftbench: error: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:  # one job that can't run (bitfit on a model without biases)
+            return                       # leaves a gap in the sweep, not the end of it
         sys.exit(2)
     print(summary(record))
     print(f"result: {Path(hc.runtime.output_dir) / 'result.json'}")
