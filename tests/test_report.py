@@ -103,3 +103,14 @@ def test_console_script_is_declared():
     from pathlib import Path
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["reftbench-report"] == "reftbench.report:main"
+
+
+def test_task_options_split_rows_and_a_rerun_seed_counts_once(tmp_path):
+    a, b, c = (_record("loreft", 42, acc) for acc in (0.5, 0.6, 0.7))
+    a["config"]["task"] = {"train_limit": 1000}
+    b["config"]["task"] = {"train_limit": 2000}
+    c["config"]["task"] = {"train_limit": 1000}  # the same experiment and seed again: replaces a
+    for name, rec in (("a", a), ("b", b), ("c", c)):
+        _write(tmp_path, name, rec)
+    rows = {r["method"]: r["score"] for r in _rows(report.table(report.load_records(tmp_path)))}
+    assert rows == {"loreft (task.train_limit=1000)": "70.0", "loreft (task.train_limit=2000)": "60.0"}

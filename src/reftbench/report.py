@@ -61,7 +61,8 @@ def _flat(d, prefix=""):
 def options(record: dict) -> dict:
     """What makes runs different experiments, apart from the seed."""
     cfg = record.get("config") or {}
-    return _flat({"intervention": cfg.get("intervention"), "trainer": cfg.get("trainer")})
+    return _flat({"intervention": cfg.get("intervention"), "trainer": cfg.get("trainer"), "task": cfg.get("task"),
+                  "task_version": record.get("task_version")})
 
 
 def group(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
@@ -75,6 +76,7 @@ def group(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
         by_method[key[:3]].append(dict(key[3]))
     rows = []
     for key, runs in groups.items():
+        runs = list({r.get("seed"): r for r in runs}.values())  # a rerun of a seed replaces it
         variants = by_method[key[:3]]
         differ = sorted(k for k in set().union(*variants) if len({v.get(k) for v in variants}) > 1)
         mine = dict(key[3])
