@@ -109,13 +109,14 @@ def test_bitfit_and_full_on_an_encoder_leave_the_head_to_the_task_loop():
     assert names and all(n.startswith("bert.") and n.endswith(".bias") for n in names)
     assert not any(p.requires_grad for p in model.classifier.parameters())
     # hidden 32, FFN 64, 3 layers: per layer q,k,v,o (4·32) + 2 LayerNorms (2·32) + FFN in (64) and out (32);
-    # plus the embedding LayerNorm (32) and the pooler (32)
-    assert bitfit.param_counts()["trainable"] == 3 * (4 * 32 + 2 * 32 + 64 + 32) + 32 + 32 == 928
+    # plus the embedding LayerNorm (32); the pooler belongs to the head (RoBERTa's dense layer)
+    assert bitfit.param_counts()["trainable"] == 3 * (4 * 32 + 2 * 32 + 64 + 32) + 32 == 896
+    assert not any(p.requires_grad for p in model.bert.pooler.parameters())
     model = tiny_bert()
     full = methods.build({"name": "full"}, model)
-    head = 32 * 2 + 2
+    head = 32 * 2 + 2 + 32 * 32 + 32  # classifier + pooler
     counts = full.param_counts()
-    assert counts["trainable"] == count_params(model) - head == count_params(model.bert)
+    assert counts["trainable"] == count_params(model) - head == count_params(model.bert) - count_params(model.bert.pooler)
     assert not any(p.requires_grad for p in model.classifier.parameters())
     assert counts["percent"] == pytest.approx(100 * counts["trainable"] / count_params(model))
 

@@ -54,7 +54,7 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
     extra = list(extra_params)
     for p in extra:
         p.requires_grad_(True)
-    params = method.trainable_parameters() + extra
+    params = list({id(p): p for p in method.trainable_parameters() + extra}.values())
     step, micro, epoch, losses, t0 = 0, 0, 0, [], time.time()
     if not params:  # nothing to train (intervention=none on a generation task): the frozen model
         return {"steps": 0, "train_seconds": 0.0, "final_loss": None}

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import check_supported, model_type
-from .base import Method, MethodConfig, register
-from .full import body, key
+from .base import MethodConfig, register
+from .full import BaseWeightsMethod, body_parameters
 
 
 @dataclass
@@ -18,11 +18,11 @@ class BitFitConfig(MethodConfig):
 
 
 def biases(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in body(model).named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    return {n: p for n, p in body_parameters(model).items() if n.rsplit(".", 1)[-1] == "bias"}
 
 
 @register("bitfit", BitFitConfig)
-class BitFitMethod(Method):
+class BitFitMethod(BaseWeightsMethod):
     @classmethod
     def check(cls, config: BitFitConfig, model: nn.Module) -> None:
         check_supported(model)
@@ -30,14 +30,6 @@ class BitFitMethod(Method):
             raise ConfigError(f"intervention=bitfit trains only bias terms, but this {model_type(model)} model has no "
                               "bias terms (Llama-style models are built without them): use another method")
 
-    def __init__(self, config: BitFitConfig, model: nn.Module):
-        super().__init__(config, model)
-        self.biases = nn.ParameterDict({key(n): p for n, p in biases(model).items()})
-        for p in self.biases.values():
-            p.requires_grad_(True)
-
-    def trainable_parameters(self):
-        return list(self.biases.values())
-
-    def added_parameters(self) -> int:
-        return 0
+    @classmethod
+    def select(cls, model):
+        return biases(model)

@@ -27,21 +27,23 @@ def key(name: str) -> str:
     return name.replace(".", "-")  # parameter names may not contain dots
 
 
-@dataclass
-class FullConfig(MethodConfig):
-    pass
+def body_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The body's parameters; an encoder's pooler belongs to the classification head (it is what
+    RoBERTa's head calls its dense layer), which the task's loop trains and nobody counts."""
+    encoder = check_supported(model) == "encoder"
+    return {n: p for n, p in body(model).named_parameters() if not (encoder and n.startswith("pooler."))}
 
 
-@register("full", FullConfig)
-class FullMethod(Method):
+class BaseWeightsMethod(Method):
+    """Trains a subset of the base model's own weights (`select`), adding nothing."""
+
     @classmethod
-    def check(cls, config: FullConfig, model: nn.Module) -> None:
-        check_supported(model)
+    def select(cls, model: nn.Module) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
 
-    def __init__(self, config: FullConfig, model: nn.Module):
+    def __init__(self, config: MethodConfig, model: nn.Module):
         super().__init__(config, model)
-        # named_parameters() yields a tied weight once, under its first name
-        self.weights = nn.ParameterDict({key(n): p for n, p in body(model).named_parameters()})
+        self.weights = nn.ParameterDict({key(n): p for n, p in self.select(model).items()})
         for p in self.weights.values():
             p.requires_grad_(True)
 
@@ -50,3 +52,19 @@ class FullMethod(Method):
 
     def added_parameters(self) -> int:
         return 0
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    pass
+
+
+@register("full", FullConfig)
+class FullMethod(BaseWeightsMethod):
+    @classmethod
+    def check(cls, config: FullConfig, model: nn.Module) -> None:
+        check_supported(model)
+
+    @classmethod
+    def select(cls, model):
+        return body_parameters(model)  # named_parameters() yields a tied weight once
