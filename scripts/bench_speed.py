@@ -66,10 +66,6 @@ def measure_method(args):
     opt = torch.optim.AdamW(params, lr=1e-5)
     method.train()
 
-    def frozen():
-        with torch.inference_mode():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
-
     def step():
         with method.context(batch):
             loss = answer_loss(model, batch)
@@ -82,6 +78,15 @@ def measure_method(args):
     with PeakRSS() as mem:
         for _ in range(3):
             step()
+    # The unit is a forward of the untouched model. LoRA/DoRA change the model they are injected
+    # into for good, so the frozen forward runs on a second, plain copy, timed alternately.
+    plain = load(args.model).model
+
+    def frozen():
+        with torch.inference_mode():
+            plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
+
+    frozen()
     ts, tf = [], []
     for _ in range(args.reps):
         tf.append(timed(frozen))
