@@ -80,3 +80,18 @@ def test_dry_run_loads_nothing_and_writes_nothing(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dry run: loreft on chain-sum (llama-7b, seed 42): 2,097,408 trainable of 6,738,415,616 base params (0.031%)" in res.stdout
     assert not (out / "result.json").exists()
+
+
+def test_instruction_task_writes_alpaca_eval_file_and_heldout_loss(tmp_path):
+    from hydra import compose, initialize_config_dir
+    fixtures = ROOT / "tests" / "fixtures" / "llm-adapters"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny-random-llama", "task=alpaca", f"task.data_dir={fixtures}",
+                                           "task.heldout=1", "task.max_new_tokens=4", "trainer.max_steps=2",
+                                           "trainer.batch_size=2", "eval_frozen=false"])
+    rec = run(cfg, tmp_path)
+    answers = json.loads((tmp_path / "alpaca_eval_outputs.json").read_text())
+    assert rec["metrics"]["trained"]["n"] == len(answers) > 0
+    assert set(answers[0]) >= {"instruction", "output", "generator"}
+    assert answers[0]["generator"] == "tiny-random-llama-loreft-seed42"
+    assert rec["metrics"]["frozen"]["heldout_loss"] > 0 and rec["metrics"]["trained"]["heldout_loss"] > 0

@@ -15,6 +15,21 @@ from .evaluate import evaluate as evaluate_generation
 from .train import answer_loss
 
 
+@torch.no_grad()
+def mean_loss(objective, model, examples, batch_size, method=None) -> float:
+    """Mean loss over examples (per batch), the way training computes it; for held-out splits."""
+    from contextlib import nullcontext
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = objective.collate(examples[start:start + batch_size])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with method.context(batch) if method is not None else nullcontext():
+            total += objective.loss(model, batch).item() * len(examples[start:start + batch_size])
+        n += len(examples[start:start + batch_size])
+    return total / n
+
+
 class Generation:
     model_kind = "decoder"
     frozen_baseline = True  # the untouched model can answer: score it on the same examples

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from . import methods, models, tasks
 from .errors import ConfigError
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
 from .train import check_trainer, train
 
@@ -78,6 +78,7 @@ def _run(cfg, out_dir: Path) -> dict:
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
     train_set, test_records, select = objective.encode(splits["train"]), splits["test"], splits.get("select")
+    heldout, train_set = train_set[:task.heldout], train_set[task.heldout:]
     if not train_set:
         raise ConfigError(f"no training example of task={task.name} fits trainer.max_length={cfg.trainer.max_length}")
     log.info("task %s: %d train / %d test examples%s", task.name, len(train_set), len(test_records),
@@ -87,6 +88,8 @@ def _run(cfg, out_dir: Path) -> dict:
     if cfg.eval_frozen and objective.frozen_baseline:
         metrics["frozen"], _ = objective.evaluate(model, test_records, cfg.eval_batch_size, desc="eval frozen")
         log.info("frozen model: %s", _score_text(metrics["frozen"]))
+    if heldout:  # open-ended tasks: the answer loss on held-out training examples, computed offline
+        metrics.setdefault("frozen", {})["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size)
 
     wandb_log = _wandb(cfg)
     seed_everything(int(cfg.seed))  # the method's initialisation does not depend on eval_frozen
@@ -110,6 +113,8 @@ def _run(cfg, out_dir: Path) -> dict:
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
         metrics["trained"] = {"alpaca_eval_outputs": str(path), "n": len(outputs)}
+    if heldout:
+        metrics["trained"]["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size, method)
 
     record = {
         "method": cfg.intervention.name,

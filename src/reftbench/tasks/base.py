@@ -33,6 +33,7 @@ class Task:
     num_labels: int | None = None  # classification: 1 means regression (STS-B)
     train_limit: int | None = None
     eval_limit: int | None = None
+    heldout: int = 0  # training examples kept aside to report the answer loss on (open-ended tasks)
     options: dict = field(default_factory=dict)  # source-specific settings
 
     def prompt(self, record: dict) -> str:
