@@ -39,6 +39,18 @@ def git_commit() -> str | None:
         return None
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so that a run in a multirun starts from
+    what is really in use rather than what glibc kept from the jobs before it."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakRSS:
     """Peak resident memory of this process while the block runs, sampled every few ms.
 
@@ -60,6 +72,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.current())
 
     def __enter__(self):
+        release_freed_memory()
         self.peak = self.current()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
