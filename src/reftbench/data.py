@@ -3,6 +3,10 @@ sees in training is token for token the prompt it sees at generation."""
 import torch
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 

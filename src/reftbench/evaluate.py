@@ -1,10 +1,9 @@
 """Batched greedy generation with the KV cache, and scoring with the task's answer check."""
-from contextlib import nullcontext
-
 import torch
 from tqdm.auto import tqdm
 
 from .data import collate_prompts, encode_prompt
+from .methods.base import active
 
 
 @torch.inference_mode()
@@ -21,7 +20,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         batch = collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id)
         batch["input_ids"] = batch["input_ids"].to(device)
         batch["attention_mask"] = batch["attention_mask"].to(device)
-        with method.context(batch) if method is not None else nullcontext():
+        with active(method, batch):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

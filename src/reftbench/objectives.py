@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import collate_classification, collate_train, encode_example, encode_pair
+from .data import collate_classification, collate_train, encode_example, encode_pair, to_device
+from .methods.base import active
 from .evaluate import evaluate as evaluate_generation
 from .train import answer_loss
 
@@ -18,15 +19,14 @@ from .train import answer_loss
 @torch.no_grad()
 def mean_loss(objective, model, examples, batch_size, method=None) -> float:
     """Mean loss over examples (per batch), the way training computes it; for held-out splits."""
-    from contextlib import nullcontext
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = objective.collate(examples[start:start + batch_size])
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with method.context(batch) if method is not None else nullcontext():
-            total += objective.loss(model, batch).item() * len(examples[start:start + batch_size])
-        n += len(examples[start:start + batch_size])
+        chunk = examples[start:start + batch_size]
+        batch = to_device(objective.collate(chunk), device)
+        with active(method, batch):
+            total += objective.loss(model, batch).item() * len(chunk)
+        n += len(chunk)
     return total / n
 
 
@@ -92,14 +92,13 @@ class Classification:
     @torch.inference_mode()
     def evaluate(self, model, records, batch_size, method=None, desc="eval"):
         from .tasks import glue_metrics
-        from contextlib import nullcontext
         device = next(model.parameters()).device
         examples = self.encode(records)
         preds = []
         for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False, disable=None):
             batch = self.collate(examples[start:start + batch_size])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with method.context(batch) if method is not None else nullcontext():
+            batch = to_device(batch, device)
+            with active(method, batch):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             preds += (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
         labels = [r["label"] for r in records]

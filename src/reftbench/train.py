@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .data import to_device
 from .errors import ConfigError
 from .models import backbone
 
@@ -65,7 +66,7 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
     bar = tqdm(total=total, desc="train", unit="step", leave=False, dynamic_ncols=True, disable=None)
     while step < total:
         for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             with method.context(batch):
                 loss = loss_fn(model, batch)
             (loss / cfg.grad_accum).backward()

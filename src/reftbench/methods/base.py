@@ -7,7 +7,7 @@ method.save(dir) and load(dir, model). It never branches on which method it hold
 import dataclasses
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -75,6 +75,11 @@ class Method(nn.Module):
         save_file(self.trainable_state(), str(tmp))
         os.replace(tmp, path / "weights.safetensors")
         (path / "method.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+
+
+def active(method: "Method | None", batch: dict):
+    """The method's per-batch context, or nothing for the untouched model (method=None)."""
+    return method.context(batch) if method is not None else nullcontext()
 
 
 def _config_from(cfg) -> MethodConfig:
