@@ -29,7 +29,23 @@ def test_sst2_runs_with_selection_and_head_not_counted(tmp_path):
     assert rec["train"]["epochs"] == 3 and rec["train"]["best_epoch"] in (1, 2, 3)
     layers, d, r = 2, 32, 2
     assert rec["params"]["trainable"] == layers * (2 * r * d + r)  # the head trains but is not counted
-    assert (tmp_path / "intervention" / "head.safetensors").exists()
+    # the saved head (model names) and intervention reproduce the trained model's predictions
+    from safetensors.torch import load_file
+    from reftbench import models
+    from reftbench.data import collate_classification, encode_pair
+    from reftbench.tasks import build
+    cfg = _cfg()
+    loaded = models.load(cfg.model, kind="encoder", num_labels=2, seed=42)
+    head = load_file(str(tmp_path / "intervention" / "head.safetensors"))
+    assert not torch.equal(head["classifier.weight"], loaded.model.classifier.weight)  # it trained
+    assert set(head) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    loaded.model.load_state_dict(head, strict=False)
+    m = methods.load(tmp_path / "intervention", loaded.model)
+    test = build(cfg.task).load_splits(42)["test"]
+    batch = collate_classification([encode_pair(loaded.tokenizer, r, 64) for r in test], loaded.tokenizer.pad_token_id)
+    with torch.no_grad(), m.context(batch):
+        preds = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    assert [s["prediction"] for s in rec["samples"]] == [str(p) for p in preds.tolist()][:5]
     assert json.loads((tmp_path / "result.json").read_text())["metrics"] == rec["metrics"]
 
 

@@ -106,9 +106,11 @@ def _run(cfg, out_dir: Path) -> dict:
                                                      desc="eval trained")
     if cfg.save_intervention:
         method.save(out_dir / "intervention")
-        if head:  # the head trained too: keep it beside the intervention
+        if head:  # the head trained too: keep it beside the intervention, under the model's own names
             from safetensors.torch import save_file
-            save_file({str(i): p.detach().contiguous() for i, p in enumerate(head)}, str(out_dir / "intervention" / "head.safetensors"))
+            ids = {id(p) for p in head}
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids},
+                      str(out_dir / "intervention" / "head.safetensors"))
     if task.metric == "alpaca_eval":  # open-ended answers are judged offline by `alpaca_eval`
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
