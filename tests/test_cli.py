@@ -95,3 +95,13 @@ def test_instruction_task_writes_alpaca_eval_file_and_heldout_loss(tmp_path):
     assert set(answers[0]) >= {"instruction", "output", "generator"}
     assert answers[0]["generator"] == "tiny-random-llama-loreft-seed42"
     assert rec["metrics"]["frozen"]["heldout_loss"] > 0 and rec["metrics"]["trained"]["heldout_loss"] > 0
+
+
+def test_multirun_goes_past_a_job_that_cannot_run_and_exits_nonzero(tmp_path):
+    res = reftbench("-m", *TINY, "trainer.max_steps=1", "intervention=bitfit,loreft", f"hydra.sweep.dir={tmp_path}",
+                    cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "bitfit trains only bias terms" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("reftbench: error: 1 job(s) of the sweep could not run:") and "intervention=bitfit" in last
+    assert len(list(tmp_path.glob("*/result.json"))) == 1  # loreft still ran

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from .errors import ReftbenchError
 
+_FAILED: list[str] = []  # multirun jobs that stopped on bad input
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -27,7 +28,8 @@ def _app(cfg: DictConfig) -> None:
     except ReftbenchError as e:
         print(f"reftbench: error: {e}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:  # one job that can't run (bitfit on a model without biases)
-            return                       # leaves a gap in the sweep, not the end of it
+            _FAILED.append(" ".join(hc.overrides.task))  # leaves a gap in the sweep, not its end
+            return
         sys.exit(2)
     print(summary(record))
     print(f"result: {Path(hc.runtime.output_dir) / 'result.json'}")
@@ -88,6 +90,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     _app()
+    if _FAILED:
+        print(f"reftbench: error: {len(_FAILED)} job(s) of the sweep could not run: " + "; ".join(_FAILED),
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
