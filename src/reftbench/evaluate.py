@@ -2,7 +2,7 @@
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate_prompts, encode_prompt
+from .data import collate_prompts, encode_prompt, to_device
 from .methods.base import active
 
 
@@ -17,9 +17,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     outputs = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         ids = order[start:start + batch_size]
-        batch = collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id)
-        batch["input_ids"] = batch["input_ids"].to(device)
-        batch["attention_mask"] = batch["attention_mask"].to(device)
+        batch = to_device(collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id), device)
         with active(method, batch):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
