@@ -18,11 +18,15 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
-    from .run import plan, plan_line, run, summary  # heavy imports after Hydra has parsed the command line
+    from .run import finished, plan, plan_line, run, summary  # heavy imports after Hydra parsed the command
     hc = HydraConfig.get()
     try:
         if cfg.dry_run:
             print(plan_line(plan(cfg)))
+            return
+        done = finished(cfg, Path(hc.runtime.output_dir))
+        if done:
+            print(f"skipped, already done: {summary(done)}")
             return
         record = run(cfg, Path(hc.runtime.output_dir), overrides=list(hc.overrides.task))
     except ReftbenchError as e:

@@ -1,4 +1,5 @@
 """One run, top to bottom: config → model → method → task data → train → evaluate → record."""
+import json
 import logging
 import random
 import time
@@ -53,6 +54,19 @@ def plan_line(p: dict) -> str:
     c = p["params"]
     return (f"dry run: {p['method']} on {p['task']} ({p['model']}, seed {p['seed']}): "
             f"{c['trainable']:,} trainable of {c['base']:,} base params ({c['percent']:.3f}%)")
+
+
+def finished(cfg, out_dir: Path) -> dict | None:
+    """The record already in out_dir when it was written by this same config (an interrupted sweep
+    started again in the same folder), else None. Any difference in the config means a new run."""
+    path = Path(out_dir) / "result.json"
+    if not cfg.resume or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # written atomically, so this is a foreign file: run again and replace it
+    return record if record.get("config") == OmegaConf.to_container(cfg, resolve=True) else None
 
 
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:

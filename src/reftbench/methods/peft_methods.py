@@ -25,7 +25,23 @@ class LoraMethodConfig(MethodConfig):
     rank: int = 32
     alpha: float = 64
     dropout: float = 0.05
-    target_modules: object = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    target_modules: object = "auto"
+
+
+# `auto`: the modules the paper's baselines adapt. LLaMA-style decoders: LLM-Adapters' LoRA setting that
+# ReFT Table 1 quotes; BERT/RoBERTa encoders: the LoRA paper's GLUE setting (query and value).
+AUTO_TARGETS = (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], ["query", "value"])
+
+
+def resolve_targets(spec, model: nn.Module) -> list[str]:
+    if spec != "auto":
+        return parse_targets(spec)
+    have = _linear_names(model)
+    for targets in AUTO_TARGETS:
+        if set(targets) <= have:
+            return list(targets)
+    raise ConfigError("intervention.target_modules=auto knows LLaMA-style and BERT-style layer names only; "
+                      f"name the layers to adapt, from: {', '.join(sorted(have))}")
 
 
 def parse_targets(spec) -> list[str]:
@@ -61,15 +77,16 @@ class Lora(Method):
         if not (_number(config.dropout) and 0.0 <= config.dropout < 1.0):
             raise ConfigError(f"intervention.dropout={config.dropout} is out of range: use 0 <= p < 1")
         have = _linear_names(model)
-        missing = [t for t in parse_targets(config.target_modules) if t not in have]
+        missing = [t for t in resolve_targets(config.target_modules, model) if t not in have]
         if missing:
             raise ConfigError(f"intervention.target_modules has {missing[0]!r}, but the model has no Linear layer "
                               f"of that name; it has {', '.join(sorted(have))}")
 
     def __init__(self, config: LoraMethodConfig, model: nn.Module):
         super().__init__(config, model)  # counts the base before the adapters exist
+        config.target_modules = resolve_targets(config.target_modules, model)  # saved as the names used
         peft_config = LoraConfig(r=config.rank, lora_alpha=float(config.alpha), lora_dropout=float(config.dropout),
-                                 target_modules=parse_targets(config.target_modules), use_dora=self.use_dora,
+                                 target_modules=config.target_modules, use_dora=self.use_dora,
                                  bias="none")
         bb = backbone(model)
         inject_adapter_in_model(peft_config, bb, adapter_name=ADAPTER)
