@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-mini
 
 install: $(STAMP)
 
@@ -29,6 +29,48 @@ test-all: install
 
 bench: install
 	$(PY) scripts/bench_speed.py
+
+# The paper's tables: one Hydra multirun over the table's row files (conf/experiment/tableN_*.yaml) and
+# seeds, then the table. Each job lives in reproductions/<table>/<its overrides>, so running the target
+# again skips every job whose result.json is there (an interrupted reproduction resumes).
+# Pass more settings with ARGS, e.g. ARGS="device=cuda task.data_dir=/data/llm-adapters", or
+# ARGS=dry_run=true for the plan (jobs, parameter counts) without loading anything.
+REFT := $(VENV)/bin/reftbench
+REPORT := $(VENV)/bin/reftbench-report
+JOB_DIRS = hydra.sweep.dir=reproductions/$(1) 'hydra.sweep.subdir=$${hydra.job.override_dirname}'
+ARGS ?=
+GLUE_TASKS := mnli,sst2,mrpc,cola,qnli,qqp,rte,stsb
+SEEDS3 := 42,43,44
+SEEDS5 := 42,43,44,45,46
+
+# $(1) table, $(2) sweep; the table is written even when some jobs failed, then make reports the failure.
+define reproduce
+	$(REFT) -m 'experiment=glob($(1)_*)' $(2) $(call JOB_DIRS,$(1)) $(ARGS); status=$$?; \
+	case "$(ARGS)" in *dry_run=true*) exit $$status;; esac; \
+	$(REPORT) reproductions/$(1) --table $(1) --out-dir results/$(1) && exit $$status
+endef
+
+reproduce-table1: install  ## commonsense: LLaMA-7B/13B x LoReFT, LoRA, DoRA, DoRA (half), 3 seeds
+	$(call reproduce,table1,seed=$(SEEDS3))
+
+reproduce-table2: install  ## arithmetic: LLaMA-7B/13B x LoReFT, LoRA, 3 seeds
+	$(call reproduce,table2,seed=$(SEEDS3))
+
+reproduce-table3: install  ## instruction following: Llama-2 7B x LoReFT, RED, LoRA, full; AlpacaEval judged offline
+	$(call reproduce,table3,seed=$(SEEDS3))
+
+reproduce-table4: install  ## GLUE: RoBERTa-base/large x LoReFT, LoRA, RED, BitFit, full, 8 tasks, 5 seeds
+	$(call reproduce,table4,task=$(GLUE_TASKS) seed=$(SEEDS5))
+
+# CPU, embedded models, real data from ../shared/data: every method on OBQA and MAWPS (SmolLM2-135M;
+# BitFit needs biases, which SmolLM2 has not) and on SST-2 (MiniLM-L6). Two seeds: about an hour here.
+MINI_SEEDS := 42,43
+reproduce-mini: install
+	@test -d ../shared/data/llm-adapters -a -d ../shared/data/glue/SST-2 || \
+		{ echo "reproduce-mini: needs the benchmark files in ../shared/data (llm-adapters/, glue/SST-2/)" >&2; exit 2; }
+	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_mawps,mini_obqa intervention=loreft,lora,dora,red,full,none $(call JOB_DIRS,mini) $(ARGS)
+	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_sst2 intervention=loreft,lora,dora,red,bitfit,full,none $(call JOB_DIRS,mini) $(ARGS)
+	$(REPORT) reproductions/mini --table mini --out-dir results/mini
 
 clean:
 	rm -rf $(VENV) outputs multirun

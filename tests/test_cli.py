@@ -105,3 +105,68 @@ def test_multirun_goes_past_a_job_that_cannot_run_and_exits_nonzero(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("reftbench: error: 1 job(s) of the sweep could not run:") and "intervention=bitfit" in last
     assert len(list(tmp_path.glob("*/result.json"))) == 1  # loreft still ran
+
+
+def test_a_killed_multirun_resumes_without_redoing_finished_runs(tmp_path):
+    import signal
+    import time
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "seed=1,2,3,4", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.override_dirname}"]
+    exe = Path(sys.executable).with_name("reftbench")
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, stdout=log, stderr=log, start_new_session=True,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        deadline = time.time() + 240
+        while not list(sweep.glob("*/result.json")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # as a lost node or a Ctrl-C'd terminal would
+        proc.wait()
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep.glob("*/result.json")}
+    assert 1 <= len(before) < 4, (tmp_path / "log").read_text()[-2000:]
+
+    res = reftbench(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = sorted(sweep.glob("*/result.json"))
+    assert sorted(json.loads(p.read_text())["seed"] for p in after) == [1, 2, 3, 4]
+    for p, (content, mtime) in before.items():  # finished runs were not redone
+        assert p.read_bytes() == content and p.stat().st_mtime_ns == mtime
+    assert res.stdout.count("skipped, already done") == len(before)
+    assert res.stdout.count("result: ") == 4 - len(before)
+
+
+def test_resume_reruns_a_changed_config_or_when_told(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from reftbench.run import finished
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=TINY)
+        changed = compose("config", overrides=TINY + ["trainer.lr=1e-3"])
+        off = compose("config", overrides=TINY + ["resume=false"])
+    from omegaconf import OmegaConf
+    (tmp_path / "result.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+    assert finished(cfg, tmp_path) is not None
+    assert finished(changed, tmp_path) is None
+    off_record = {"config": OmegaConf.to_container(off, resolve=True)}
+    (tmp_path / "result.json").write_text(json.dumps(off_record))
+    assert finished(off, tmp_path) is None
+    (tmp_path / "result.json").write_text("{not json")
+    assert finished(cfg, tmp_path) is None
+
+
+def test_a_glue_row_with_a_task_it_has_no_settings_for_is_one_line(tmp_path):
+    res = reftbench("experiment=table4_loreft_robertabase", "task=boolq", "dry_run=true", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "reftbench: error: this experiment has per-task settings (per_task) and none for task=boolq: "
+        "choose a task it lists"]
+
+
+def test_dry_run_of_a_table_sweep_plans_every_job_without_weights(tmp_path):
+    res = reftbench("-m", "experiment=glob(table2_*)", "seed=42,43", "dry_run=true", f"hydra.sweep.dir={tmp_path / 's'}",
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plans = [line for line in res.stdout.splitlines() if line.startswith("dry run:")]
+    assert len(plans) == 4 * 2  # four rows x two seeds
+    assert sum("loreft on math (llama-7b" in p and "2,097,408 trainable" in p and "(0.031%)" in p for p in plans) == 2
+    assert sum("lora on math (llama-13b" in p and "87,818,240 trainable" in p for p in plans) == 2
+    assert not list(tmp_path.rglob("result.json"))

@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ReftbenchError
 
@@ -29,8 +30,8 @@ def _app(cfg: DictConfig) -> None:
             print(f"skipped, already done: {summary(done)}")
             return
         record = run(cfg, Path(hc.runtime.output_dir), overrides=list(hc.overrides.task))
-    except ReftbenchError as e:
-        print(f"reftbench: error: {e}", file=sys.stderr)
+    except (ReftbenchError, OmegaConfBaseException) as e:  # the latter: an interpolation that cannot resolve
+        print(f"reftbench: error: {_one_line(str(e))}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:  # one job that can't run (bitfit on a model without biases)
             _FAILED.append(" ".join(hc.overrides.task))  # leaves a gap in the sweep, not its end
             return
@@ -72,6 +73,10 @@ def precheck(args: list[str]) -> str | None:
 
 def _one_line(text: str) -> str:
     text = text.split("Set the environment variable")[0]
+    m = re.search(r"Interpolation key 'per_task\.([^.']+)", text)
+    if m:
+        return (f"this experiment has per-task settings (per_task) and none for task={m.group(1)}: "
+                "choose a task it lists")
     m = re.search(r"Could not override '([^']+)'", text)
     if m:
         return f"{m.group(1)} is not an option (check the spelling; to add a new key use +{m.group(1)}=...)"

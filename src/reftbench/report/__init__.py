@@ -1,0 +1,72 @@
+"""`reftbench-report DIR [--out-dir OUT]`: the results tables of every result.json under DIR.
+
+For each table (the `table` its runs were started with; `results` for runs of no table): markdown,
+CSV and LaTeX, and the paper's Figure 1 for what was run. Without --out-dir the markdown is printed.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .figure import draw
+from .tables import (build_cells, latex, load_paper, load_records, markdown, rows, score,  # noqa: F401
+                     task_scores, to_csv)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """A temporary file in the same folder, then a rename: a reader never sees half a table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tables(records: list[dict], paper=None) -> dict[str, list[dict]]:
+    """{table name: rows}: numbers and gaps for every cell, the paper's beside ours."""
+    cells = build_cells(records, load_paper() if paper is None else paper)
+    return {name: rows(c) for name, c in cells.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="reftbench-report", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path, help="folder searched recursively for result.json files")
+    parser.add_argument("--out-dir", type=Path, help="write <table>.md, .csv, .tex and <table>.png here")
+    parser.add_argument("--table", action="append", help="only this table (repeatable), e.g. --table table1")
+    parser.add_argument("--no-figure", action="store_true", help="skip the figure")
+    args = parser.parse_args(argv)
+    if not args.dir.is_dir():
+        print(f"reftbench-report: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    records = load_records(args.dir)
+    if not records:
+        print(f"reftbench-report: no readable result.json under {args.dir}", file=sys.stderr)
+        return 2
+    found = tables(records)
+    if args.table:
+        missing = [t for t in args.table if t not in found]
+        if missing:
+            print(f"reftbench-report: no run of table {missing[0]} under {args.dir}; it has {', '.join(found)}",
+                  file=sys.stderr)
+            return 2
+        found = {t: found[t] for t in args.table}
+    for name, table_rows in found.items():
+        text = markdown(table_rows)
+        sys.stdout.write((f"## {name}\n\n" if len(found) > 1 else "") + text + ("\n" if len(found) > 1 else ""))
+        if args.out_dir:
+            write_text_atomic(args.out_dir / f"{name}.md", text)
+            write_text_atomic(args.out_dir / f"{name}.csv", to_csv(table_rows))
+            write_text_atomic(args.out_dir / f"{name}.tex", latex(table_rows, caption=f"reftbench {name}"))
+            if not args.no_figure and draw(table_rows, args.out_dir / f"{name}.png", title=f"reftbench {name}"):
+                print(f"reftbench-report: wrote {args.out_dir / name}.{{md,csv,tex,png}}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

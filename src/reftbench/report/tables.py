@@ -1,0 +1,319 @@
+"""Results tables from result.json records, beside the paper's numbers.
+
+A *cell* is one (table, model, method row, task). Runs that differ only in their seed share a cell:
+its score is the mean ± sample standard deviation (n − 1) over seeds. A run that was one of the
+paper's rows (its experiment file sets `table` and `row`) and changed none of that file's settings
+takes the paper's row name and sits beside the paper's number; any other run is labelled by its
+method and the options in which it differs from its neighbours (`loreft (intervention.rank=8)`).
+The paper's rows that were not run, and the tasks of a run row that are missing, are gaps ("–").
+"""
+import csv
+import io
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+PAPER_FILE = files("reftbench") / "report" / "reft_paper.csv"
+NO_TABLE = "results"  # runs that belong to no table (no `table` in their config)
+# Overrides that leave a paper row's setting as it was: where the data and model files are, the seed,
+# the device, and what is saved or logged.
+NEUTRAL = ("experiment", "seed", "task.data_dir", "task.files.", "model.path", "device", "eval_batch_size",
+           "save_intervention", "wandb.", "resume", "hydra.", "table")
+GAP = "–"
+
+
+@dataclass
+class PaperCell:
+    table: str
+    model: str
+    method: str
+    label: str
+    params_percent: float
+    task: str
+    score: float
+
+
+def load_paper(path=PAPER_FILE) -> list[PaperCell]:
+    text = path.read_text() if hasattr(path, "read_text") else Path(path).read_text()
+    rows = csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#"))
+    return [PaperCell(r["table"], r["model"], r["method"], r["label"], float(r["params_percent"]), r["task"],
+                      float(r["score"])) for r in rows]
+
+
+def load_records(root: Path) -> list[dict]:
+    records = []
+    for path in sorted(root.rglob("result.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"reftbench-report: skipping {path}: {e}", file=sys.stderr)
+    return records
+
+
+def score(metrics: dict | None) -> float | None:
+    """A run's score: `score` (any metric) or, in older records, `accuracy`."""
+    if not metrics:
+        return None
+    value = metrics.get("score", metrics.get("accuracy"))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def task_scores(record: dict, which: str = "trained") -> dict[str, float | None]:
+    """{task: score} of one run: one entry, or one per test set for a run scored on several
+    (commonsense, math). None where the run has no score (answers judged offline)."""
+    m = (record.get("metrics") or {}).get(which)
+    if m and isinstance(m.get("by_task"), dict):
+        out = {}
+        for name, v in m["by_task"].items():
+            out[name] = score(v) if isinstance(v, dict) else (float(v) if isinstance(v, (int, float)) else None)
+        return out
+    return {record.get("task", "?"): score(m)}
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, str) else json.dumps(v)  # hashable, readable
+    return out
+
+
+def options(record: dict) -> dict:
+    """What makes runs different experiments, apart from the seed."""
+    cfg = record.get("config") or {}
+    return _flat({"intervention": cfg.get("intervention"), "trainer": cfg.get("trainer"), "task": cfg.get("task"),
+                  "task_version": record.get("task_version")})
+
+
+def paper_row(record: dict) -> str | None:
+    """The paper's row this run reproduces: its experiment file names one and the command line
+    changed nothing that file sets (only neutral keys such as the seed or the data folder)."""
+    cfg = record.get("config") or {}
+    if not cfg.get("row") or not cfg.get("table"):
+        return None
+    for o in record.get("overrides") or []:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if not any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL):
+            return None
+    return cfg["row"]
+
+
+@dataclass
+class Cell:
+    table: str
+    model: str
+    label: str
+    task: str
+    row: str | None = None           # the paper's method id, where the run is the paper's setting
+    runs: list = field(default_factory=list)   # records, one per seed
+    paper: PaperCell | None = None
+    average: bool = False            # the mean over the table's tasks: the cells in `parts`
+    parts: list = field(default_factory=list)
+
+    def scores(self, which="trained") -> list[float]:
+        return [s for r in self.runs if (s := task_scores(r, which).get(self.task)) is not None]
+
+
+def _seed_runs(runs: list[dict]) -> list[dict]:
+    return list({r.get("seed"): r for r in runs}.values())  # a rerun of a seed replaces it
+
+
+def build_cells(records: list[dict], paper: list[PaperCell]) -> dict[str, list[Cell]]:
+    """{table: cells}, in the paper's row and task order, then runs the paper does not have."""
+    groups = defaultdict(list)
+    for r in records:
+        cfg = r.get("config") or {}
+        key = (cfg.get("table") or NO_TABLE, r.get("model", "?"), r.get("task", "?"), r.get("method", "?"),
+               paper_row(r), tuple(sorted(options(r).items())))
+        groups[key].append(r)
+    labels = {p.method: p.label for p in paper}
+    variants = defaultdict(list)
+    for key in groups:
+        if key[4] is None:
+            variants[key[:4]].append(dict(key[5]))
+    cells = {}
+    for key, runs in groups.items():
+        table, model, task, method, row, opts = key
+        if row is not None:
+            label = labels.get(row, row)
+        else:
+            mine, others = dict(opts), variants[key[:4]]
+            differ = sorted(k for k in set().union(*others) if len({v.get(k) for v in others}) > 1)
+            shown = ", ".join(f"{k}={mine.get(k, '-')}" for k in differ)
+            label = method + (f" ({shown})" if differ else "")
+        for t in task_scores(runs[0]):
+            cell = cells.setdefault((table, model, label, t), Cell(table, model, label, t, row))
+            cell.runs = _seed_runs(cell.runs + runs)
+    # The paper's cells: beside a matching run, or as a row of gaps.
+    run_tables = {c.table for c in cells.values()}
+    for p in paper:
+        if p.table not in run_tables:
+            continue
+        key = (p.table, p.model, p.label, p.task)
+        cell = cells.setdefault(key, Cell(p.table, p.model, p.label, p.task, p.method))
+        if cell.row == p.method:
+            cell.paper = p
+    return {t: _ordered([c for c in cells.values() if c.table == t], paper) for t in sorted(run_tables)}
+
+
+def _ordered(cells: list[Cell], paper: list[PaperCell]) -> list[Cell]:
+    order = {}
+    for p in paper:
+        order.setdefault(("m", p.model), len(order))
+        order.setdefault(("r", p.model, p.label), len(order))
+        order.setdefault(("t", p.task), len(order))
+    big = len(order) + 1
+    cells = sorted(cells, key=lambda c: (order.get(("m", c.model), big), c.model, order.get(("r", c.model, c.label), big),
+                                         c.label, order.get(("t", c.task), big), c.task))
+    # One average per row over the table's tasks, as the paper's Avg column.
+    out, by_row = [], defaultdict(list)
+    for c in cells:
+        by_row[(c.model, c.label)].append(c)
+    for (model, label), row in by_row.items():
+        out.extend(row)
+        several_sets = all(len(task_scores(r)) > 1 for c in row for r in c.runs)  # commonsense, math
+        if len(row) > 1 and (any(c.paper for c in row) or several_sets):
+            avg = Cell(row[0].table, model, label, "avg", row[0].row, average=True)
+            avg.parts = row
+            out.append(avg)
+    return out
+
+
+def mean_std(cell: Cell) -> tuple[float | None, float | None, int]:
+    """Mean and sample std (×100) over seeds; for an average row: the mean of its task means,
+    only when every task has a score (a missing task leaves the average a gap)."""
+    if cell.average:
+        means = [mean_std(c)[0] for c in cell.parts]
+        if not means or any(m is None for m in means):
+            return None, None, 0
+        return statistics.mean(means), None, min(mean_std(c)[2] for c in cell.parts)
+    values = [100 * s for s in cell.scores()]
+    if not values:
+        return None, None, 0
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def paper_score(cell: Cell) -> float | None:
+    if cell.average:
+        values = [c.paper.score if c.paper else None for c in cell.parts]
+        return statistics.mean(values) if values and None not in values else None
+    return cell.paper.score if cell.paper else None
+
+
+def _runs(cell: Cell) -> list[dict]:
+    if cell.average:
+        return [r for c in cell.parts for r in c.runs]
+    return cell.runs
+
+
+def rows(cells: list[Cell]) -> list[dict]:
+    """One dict per cell, raw numbers (None for a gap) and the text shown for them."""
+    out = []
+    for c in cells:
+        mean, std, n = mean_std(c)
+        paper = paper_score(c)
+        runs = _runs(c)
+        params = next((r["params"] for r in runs if r.get("params")), {})
+        frozen = [100 * s for r in c.runs for s in [task_scores(r, "frozen").get(c.task)] if s is not None]
+        judged_offline = any("alpaca_eval_outputs" in ((r.get("metrics") or {}).get("trained") or {}) for r in runs)
+        times = [r["train"]["train_seconds"] for r in runs if (r.get("train") or {}).get("train_seconds") is not None]
+        rss = [m["cpu_peak_rss_gib"] for r in runs if (m := r.get("memory") or {}).get("cpu_peak_rss_gib") is not None]
+        gpu = [m["cuda_peak_allocated_gib"] for r in runs
+               if (m := r.get("memory") or {}).get("cuda_peak_allocated_gib") is not None]
+        pct = params.get("percent", c.paper.params_percent if c.paper else None)
+        out.append({
+            "model": c.model, "method": c.label, "task": c.task,
+            "mean": mean, "std": std, "n": n, "paper": paper,
+            "diff": mean - paper if mean is not None and paper is not None else None,
+            "frozen": statistics.mean(frozen) if frozen else None,
+            "trainable": params.get("trainable"),
+            "params_percent": pct if runs or c.paper else None,
+            "train_seconds": statistics.mean(times) if times else None,
+            "peak_rss_gib": max(rss) if rss else None,
+            "peak_gpu_gib": max(gpu) if gpu else None,
+            "judged_offline": judged_offline and mean is None,
+        })
+    return out
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def _text(r: dict, has_paper: bool) -> dict[str, str]:
+    if r["mean"] is None:
+        score = "judged offline" if r["judged_offline"] else GAP
+    else:
+        score = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f}" if r["std"] is not None else "")
+    memory = ", ".join(([f"{r['peak_gpu_gib']:.2f} GiB GPU"] if r["peak_gpu_gib"] is not None else [])
+                       + ([f"{r['peak_rss_gib']:.2f} GiB RSS"] if r["peak_rss_gib"] is not None else []))
+    text = {"model": r["model"], "method": r["method"], "task": r["task"], "score": score,
+            "seeds": str(r["n"]) if r["n"] else GAP}
+    if has_paper:
+        text["paper"] = f"{r['paper']:.1f}" if r["paper"] is not None else GAP
+        text["Δ"] = f"{r['diff']:+.1f}" if r["diff"] is not None else GAP
+    text.update({
+        "frozen": f"{r['frozen']:.1f}" if r["frozen"] is not None else GAP,
+        "trainable params": f"{r['trainable']:,}" if r["trainable"] is not None else GAP,
+        "% params": f"{r['params_percent']:.4f}%" if r["params_percent"] is not None else GAP,
+        "train time": duration(r["train_seconds"]) if r["train_seconds"] is not None else GAP,
+        "peak memory": memory or GAP,
+    })
+    return text
+
+
+def markdown(table_rows: list[dict]) -> str:
+    has_paper = any(r["paper"] is not None for r in table_rows)
+    texts = [_text(r, has_paper) for r in table_rows]
+    header = list(texts[0]) if texts else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(t[h] for h in header) + " |" for t in texts]
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = ["model", "method", "task", "mean", "std", "n", "paper", "diff", "frozen", "trainable",
+               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib"]
+
+
+def to_csv(table_rows: list[dict]) -> str:
+    """Raw numbers in percent; an empty field is a gap."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in table_rows:
+        w.writerow(["" if r[k] is None else (round(r[k], 4) if isinstance(r[k], float) else r[k])
+                    for k in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _tex_escape(s: str) -> str:
+    s = s.replace("\\", r"\textbackslash{}")
+    for ch in "&%$#_{}":
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
+
+
+def latex(table_rows: list[dict], caption: str = "") -> str:
+    """A booktabs tabular of the same columns as the markdown table (needs \\usepackage{booktabs})."""
+    has_paper = any(r["paper"] is not None for r in table_rows)
+    texts = [_text(r, has_paper) for r in table_rows]
+    header = [h for h in (list(texts[0]) if texts else []) if h not in ("train time", "peak memory")]
+    align = "lll" + "r" * (len(header) - 3)
+    lines = [r"\begin{tabular}{" + align + "}", r"\toprule",
+             " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex_escape(t[h]) for h in header) + r" \\" for t in texts]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.insert(0, f"% {caption}")
+    return "\n".join(lines) + "\n"
