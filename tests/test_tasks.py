@@ -253,7 +253,9 @@ for _t, _p, _lr, _ep, _do in [("mnli", "f1", 6e-4, 40, 0.05), ("sst2", "f3", 6e-
 
 
 def test_every_preset_is_checked():
-    assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} == set(PAPER)
+    # table rows: tests/test_dry_run.py and test_table_rows_agree_with_the_presets; mini: the README run
+    presets = {p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith(("table", "mini_"))}
+    assert presets == set(PAPER)
     for p in (CONF / "experiment").glob("*.yaml"):
         assert p.read_text().startswith("# @package _global_\n"), p.name
 
@@ -285,3 +287,21 @@ def test_config_mistakes_are_one_line():
         task("boolq", kind="seq2seq")
     with pytest.raises(ConfigError, match="sst2 is a classification task"):
         task("sst2").prompt({"text": "x"})
+
+
+@pytest.mark.parametrize("row,preset,tasks_", [
+    ("table1_loreft_llama7b", "commonsense", [None]), ("table1_loreft_llama13b", "commonsense", [None]),
+    ("table2_loreft_llama7b", "arithmetic", [None]), ("table3_loreft_llama2-7b", "ultrafeedback", [None]),
+    ("table4_loreft_robertabase", "glue-{}", ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]),
+])
+def test_table_rows_agree_with_the_presets(row, preset, tasks_):
+    """A LoReFT table row trains exactly as the paper's preset does (GLUE: task by task)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for t in tasks_:
+            extra = [f"task={t}"] if t else []
+            a = compose("config", overrides=[f"experiment={row}", *extra])
+            b = compose("config", overrides=[f"experiment={preset.format(t)}", *extra])
+            OmegaConf.resolve(a)
+            assert a.task.name == b.task.name and a.intervention.name == "loreft"
+            assert dict(a.intervention) == dict(b.intervention), (row, t)
+            assert dict(a.trainer) == dict(b.trainer), (row, t)
