@@ -27,6 +27,7 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = {k: v for k, v in panels(table_rows).items()
               if any(r["mean"] is not None or r["paper"] is not None for r in v)}
@@ -41,7 +42,9 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
             for value, filled in ((r["mean"], True), (r["paper"], False)):
                 if value is None:
                     continue
-                if not pct:  # no trainable parameters: a reference line
+                if pct is None:
+                    continue
+                if pct == 0:  # no trainable parameters: a reference line
                     ax.axhline(value, ls="--", lw=1, color="grey")
                     ax.annotate(r["method"], (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
                                 color="grey", va="bottom")
@@ -51,6 +54,8 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
                 ax.annotate(r["method"], (pct, value), xytext=(4, 3), textcoords="offset points", fontsize=7,
                             color="black" if filled else "C3")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable parameters (% of the model)")
         ax.set_ylabel("average score" if task == "avg" else f"{task} score")
         ax.set_title(f"{model}: {task}", fontsize=9)

@@ -10,6 +10,7 @@ The paper's rows that were not run, and the tasks of a run row that are missing,
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -226,20 +227,26 @@ def rows(cells: list[Cell]) -> list[dict]:
         rss = [m["cpu_peak_rss_gib"] for r in runs if (m := r.get("memory") or {}).get("cpu_peak_rss_gib") is not None]
         gpu = [m["cuda_peak_allocated_gib"] for r in runs
                if (m := r.get("memory") or {}).get("cuda_peak_allocated_gib") is not None]
-        pct = params.get("percent", c.paper.params_percent if c.paper else None)
+        papers = [x.paper for x in c.parts if x.paper] if c.average else ([c.paper] if c.paper else [])
+        pct = params.get("percent", papers[0].params_percent if papers else None)
         out.append({
             "model": c.model, "method": c.label, "task": c.task,
             "mean": mean, "std": std, "n": n, "paper": paper,
             "diff": mean - paper if mean is not None and paper is not None else None,
             "frozen": statistics.mean(frozen) if frozen else None,
             "trainable": params.get("trainable"),
-            "params_percent": pct if runs or c.paper else None,
+            "params_percent": pct,
             "train_seconds": statistics.mean(times) if times else None,
             "peak_rss_gib": max(rss) if rss else None,
             "peak_gpu_gib": max(gpu) if gpu else None,
             "judged_offline": judged_offline and mean is None,
         })
     return out
+
+
+def one_decimal(x: float) -> str:
+    """One decimal, halves rounded up as the paper prints them (72.25 -> 72.3, not 72.2)."""
+    return f"{math.floor(x * 10 + 0.5 + 1e-9) / 10:.1f}"
 
 
 def duration(seconds: float) -> str:
@@ -255,16 +262,16 @@ def _text(r: dict, has_paper: bool) -> dict[str, str]:
     if r["mean"] is None:
         score = "judged offline" if r["judged_offline"] else GAP
     else:
-        score = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f}" if r["std"] is not None else "")
+        score = one_decimal(r["mean"]) + (f" ± {one_decimal(r['std'])}" if r["std"] is not None else "")
     memory = ", ".join(([f"{r['peak_gpu_gib']:.2f} GiB GPU"] if r["peak_gpu_gib"] is not None else [])
                        + ([f"{r['peak_rss_gib']:.2f} GiB RSS"] if r["peak_rss_gib"] is not None else []))
     text = {"model": r["model"], "method": r["method"], "task": r["task"], "score": score,
             "seeds": str(r["n"]) if r["n"] else GAP}
     if has_paper:
-        text["paper"] = f"{r['paper']:.1f}" if r["paper"] is not None else GAP
-        text["Δ"] = f"{r['diff']:+.1f}" if r["diff"] is not None else GAP
+        text["paper"] = one_decimal(r["paper"]) if r["paper"] is not None else GAP
+        text["Δ"] = (("+" if r["diff"] >= 0 else "-") + one_decimal(abs(r["diff"]))) if r["diff"] is not None else GAP
     text.update({
-        "frozen": f"{r['frozen']:.1f}" if r["frozen"] is not None else GAP,
+        "frozen": one_decimal(r["frozen"]) if r["frozen"] is not None else GAP,
         "trainable params": f"{r['trainable']:,}" if r["trainable"] is not None else GAP,
         "% params": f"{r['params_percent']:.4f}%" if r["params_percent"] is not None else GAP,
         "train time": duration(r["train_seconds"]) if r["train_seconds"] is not None else GAP,
