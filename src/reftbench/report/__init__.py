@@ -63,8 +63,9 @@ def main(argv=None) -> int:
             write_text_atomic(args.out_dir / f"{name}.md", text)
             write_text_atomic(args.out_dir / f"{name}.csv", to_csv(table_rows))
             write_text_atomic(args.out_dir / f"{name}.tex", latex(table_rows, caption=f"reftbench {name}"))
-            if not args.no_figure and draw(table_rows, args.out_dir / f"{name}.png", title=f"reftbench {name}"):
-                print(f"reftbench-report: wrote {args.out_dir / name}.{{md,csv,tex,png}}", file=sys.stderr)
+            drawn = not args.no_figure and draw(table_rows, args.out_dir / f"{name}.png", title=f"reftbench {name}")
+            print(f"reftbench-report: wrote {args.out_dir / name}.{{md,csv,tex{',png' if drawn else ''}}}",
+                  file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,7 @@ NO_TABLE = "results"  # runs that belong to no table (no `table` in their config
 # Overrides that leave a paper row's setting as it was: where the data and model files are, the seed,
 # the device, and what is saved or logged.
 NEUTRAL = ("experiment", "seed", "task.data_dir", "task.files.", "model.path", "device", "eval_batch_size",
-           "save_intervention", "wandb.", "resume", "hydra.", "table")
+           "save_intervention", "eval_frozen", "wandb.", "resume", "hydra.", "table")
 GAP = "–"
 
 
