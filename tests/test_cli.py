@@ -170,3 +170,18 @@ def test_dry_run_of_a_table_sweep_plans_every_job_without_weights(tmp_path):
     assert sum("loreft on math (llama-7b" in p and "2,097,408 trainable" in p and "(0.031%)" in p for p in plans) == 2
     assert sum("lora on math (llama-13b" in p and "87,818,240 trainable" in p for p in plans) == 2
     assert not list(tmp_path.rglob("result.json"))
+
+
+@pytest.mark.parametrize("target,sweep", [("reproduce-table1", "seed=42,43,44"), ("reproduce-table2", "seed=42,43,44"),
+                                          ("reproduce-table3", "seed=42,43,44"),
+                                          ("reproduce-table4", "task=mnli,sst2,mrpc,cola,qnli,qqp,rte,stsb seed=42,43,44,45,46")])
+def test_reproduce_targets_sweep_a_table_into_a_fixed_folder_and_write_it(target, sweep):
+    """Resuming needs each job's folder to be the same on every call: a fixed sweep dir and a subdir
+    named by the job's overrides (not by its number or the time)."""
+    res = subprocess.run(["make", "-n", "-o", ".venv/.installed", target], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    table = target.split("-")[1]
+    cmd = res.stdout.strip().splitlines()[-1]
+    assert f"reftbench -m 'experiment=glob({table}_*)' {sweep} hydra.sweep.dir=reproductions/{table} " in cmd
+    assert "'hydra.sweep.subdir=${hydra.job.override_dirname}'" in cmd
+    assert f"reftbench-report reproductions/{table} --table {table} --out-dir results/{table}" in cmd

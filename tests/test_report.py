@@ -25,7 +25,7 @@ def _write(root, name, record):
 
 
 def _rows(text):
-    lines = text.strip().splitlines()
+    lines = text.strip().split("\n\n")[0].splitlines()  # the first table (the paper's layout follows)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
@@ -212,7 +212,10 @@ def test_out_dir_writes_markdown_csv_latex_and_the_figure(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md", "results.png", "results.tex",
                                                      "table2.csv", "table2.md", "table2.png", "table2.tex"]
     tex = (out / "table2.tex").read_text()  # a header, then the paper's 2 models x 5 rows x (4 tasks + avg)
-    assert tex.count(r"\\") == 1 + 2 * 5 * 5 and r"\toprule" in tex and "LoReFT & aqua & 20.0" in tex
+    long, paper_layout = tex.split("\n\n")
+    assert long.count(r"\\") == 1 + 2 * 5 * 5 and r"\toprule" in long and "LoReFT & aqua & 20.0" in long
+    assert paper_layout.count(r"\\") == 1 + 2 * 5  # a header, then a row per model and method
+    assert "llama-7b & LoReFT & 0.031 & 20.0 (21.4) & 30.0 (26.0) & 70.0 (76.2) & 50.0 (46.8) & 42.5 (42.6)" in tex
     assert (out / "table2.png").read_bytes()[:4] == b"\x89PNG"
     assert "## table2" in capsys.readouterr().out
 

@@ -10,8 +10,10 @@ import tempfile
 from pathlib import Path
 
 from .figure import draw
-from .tables import (build_cells, latex, load_paper, load_records, markdown, rows, score,  # noqa: F401
-                     task_scores, to_csv)
+from .tables import (build_cells, latex, latex_wide, load_paper, load_records, markdown,  # noqa: F401
+                     markdown_wide, rows, score, task_scores, to_csv)
+
+WIDE_NOTE = "\nThe same in the paper's layout (our mean over seeds; the paper's number in brackets):\n\n"
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -57,12 +59,13 @@ def main(argv=None) -> int:
             return 2
         found = {t: found[t] for t in args.table}
     for name, table_rows in found.items():
-        text = markdown(table_rows)
+        text = markdown(table_rows) + WIDE_NOTE + markdown_wide(table_rows)
         sys.stdout.write((f"## {name}\n\n" if len(found) > 1 else "") + text + ("\n" if len(found) > 1 else ""))
         if args.out_dir:
             write_text_atomic(args.out_dir / f"{name}.md", text)
             write_text_atomic(args.out_dir / f"{name}.csv", to_csv(table_rows))
-            write_text_atomic(args.out_dir / f"{name}.tex", latex(table_rows, caption=f"reftbench {name}"))
+            write_text_atomic(args.out_dir / f"{name}.tex", latex(table_rows, caption=f"reftbench {name}") + "\n"
+                              + latex_wide(table_rows))
             drawn = not args.no_figure and draw(table_rows, args.out_dir / f"{name}.png", title=f"reftbench {name}")
             print(f"reftbench-report: wrote {args.out_dir / name}.{{md,csv,tex{',png' if drawn else ''}}}",
                   file=sys.stderr)

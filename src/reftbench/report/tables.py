@@ -324,3 +324,41 @@ def latex(table_rows: list[dict], caption: str = "") -> str:
     if caption:
         lines.insert(0, f"% {caption}")
     return "\n".join(lines) + "\n"
+
+
+def wide(table_rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The paper's layout: a row per model and method, a column per task (then the average);
+    each cell our mean, with the paper's number in brackets where it has one."""
+    tasks = list(dict.fromkeys(r["task"] for r in table_rows))
+    if "avg" in tasks:
+        tasks = [t for t in tasks if t != "avg"] + ["avg"]
+    by_row = {}
+    for r in table_rows:
+        by_row.setdefault((r["model"], r["method"]), {})[r["task"]] = r
+    header = ["model", "method", "% params", *tasks]
+    body = []
+    for (model, method), cells in by_row.items():
+        pct = next((c["params_percent"] for c in cells.values() if c["params_percent"] is not None), None)
+        line = [model, method, f"{pct:.3f}" if pct is not None else GAP]
+        for t in tasks:
+            c = cells.get(t)
+            ours = one_decimal(c["mean"]) if c and c["mean"] is not None else GAP
+            line.append(ours + (f" ({one_decimal(c['paper'])})" if c and c["paper"] is not None else ""))
+        body.append(line)
+    return header, body
+
+
+def markdown_wide(table_rows: list[dict]) -> str:
+    header, body = wide(table_rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def latex_wide(table_rows: list[dict]) -> str:
+    header, body = wide(table_rows)
+    lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex_escape(c) for c in line) + r" \\" for line in body]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
