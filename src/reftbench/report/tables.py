@@ -25,6 +25,7 @@ NO_TABLE = "results"  # runs that belong to no table (no `table` in their config
 NEUTRAL = ("experiment", "seed", "task.data_dir", "task.files.", "model.path", "device", "eval_batch_size",
            "save_intervention", "eval_frozen", "wandb.", "resume", "hydra.", "table")
 GAP = "–"
+METHOD_ORDER = ["none", "loreft", "direft", "noreft", "red", "lora", "dora", "bitfit", "full"]
 
 
 @dataclass
@@ -170,8 +171,12 @@ def _ordered(cells: list[Cell], paper: list[PaperCell]) -> list[Cell]:
         order.setdefault(("r", p.model, p.label), len(order))
         order.setdefault(("t", p.task), len(order))
     big = len(order) + 1
+
+    def method_rank(label):  # runs the paper has no row for: the frozen model first, full finetuning last
+        name = label.split(" ")[0]
+        return METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER)
     cells = sorted(cells, key=lambda c: (order.get(("m", c.model), big), c.model, order.get(("r", c.model, c.label), big),
-                                         c.label, order.get(("t", c.task), big), c.task))
+                                         method_rank(c.label), c.label, order.get(("t", c.task), big), c.task))
     # One average per row over the table's tasks, as the paper's Avg column.
     out, by_row = [], defaultdict(list)
     for c in cells:
@@ -258,7 +263,7 @@ def duration(seconds: float) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
-def _text(r: dict, has_paper: bool) -> dict[str, str]:
+def _text(r: dict, has_paper: bool, has_frozen: bool = True) -> dict[str, str]:
     if r["mean"] is None:
         score = "judged offline" if r["judged_offline"] else GAP
     else:
@@ -270,8 +275,9 @@ def _text(r: dict, has_paper: bool) -> dict[str, str]:
     if has_paper:
         text["paper"] = one_decimal(r["paper"]) if r["paper"] is not None else GAP
         text["Δ"] = (("+" if r["diff"] >= 0 else "-") + one_decimal(abs(r["diff"]))) if r["diff"] is not None else GAP
+    if has_frozen:
+        text["frozen"] = one_decimal(r["frozen"]) if r["frozen"] is not None else GAP
     text.update({
-        "frozen": one_decimal(r["frozen"]) if r["frozen"] is not None else GAP,
         "trainable params": f"{r['trainable']:,}" if r["trainable"] is not None else GAP,
         "% params": f"{r['params_percent']:.4f}%" if r["params_percent"] is not None else GAP,
         "train time": duration(r["train_seconds"]) if r["train_seconds"] is not None else GAP,
@@ -280,9 +286,15 @@ def _text(r: dict, has_paper: bool) -> dict[str, str]:
     return text
 
 
-def markdown(table_rows: list[dict]) -> str:
+def _texts(table_rows: list[dict]) -> list[dict[str, str]]:
+    """Display text per row; the paper's and the frozen columns only where some row has one."""
     has_paper = any(r["paper"] is not None for r in table_rows)
-    texts = [_text(r, has_paper) for r in table_rows]
+    has_frozen = any(r["frozen"] is not None for r in table_rows)
+    return [_text(r, has_paper, has_frozen) for r in table_rows]
+
+
+def markdown(table_rows: list[dict]) -> str:
+    texts = _texts(table_rows)
     header = list(texts[0]) if texts else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(t[h] for h in header) + " |" for t in texts]
@@ -313,8 +325,7 @@ def _tex_escape(s: str) -> str:
 
 def latex(table_rows: list[dict], caption: str = "") -> str:
     """A booktabs tabular of the same columns as the markdown table (needs \\usepackage{booktabs})."""
-    has_paper = any(r["paper"] is not None for r in table_rows)
-    texts = [_text(r, has_paper) for r in table_rows]
+    texts = _texts(table_rows)
     header = [h for h in (list(texts[0]) if texts else []) if h not in ("train time", "peak memory")]
     align = "lll" + "r" * (len(header) - 3)
     lines = [r"\begin{tabular}{" + align + "}", r"\toprule",
