@@ -7,7 +7,7 @@ DoRA   m ⊙ (W + (alpha / r) B A) x / ||W + (alpha / r) B A||_row,  m initialis
 Both start as the identity edit (B = 0). Adapters go into the backbone only: never the LM head
 nor a classification head.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
