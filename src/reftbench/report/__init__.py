@@ -13,7 +13,11 @@ from .figure import draw
 from .tables import (build_cells, latex, latex_wide, load_paper, load_records, markdown,  # noqa: F401
                      markdown_wide, rows, score, task_scores, to_csv)
 
-WIDE_NOTE = "\nThe same in the paper's layout (our mean over seeds; the paper's number in brackets):\n\n"
+
+
+def wide_note(table_rows) -> str:
+    brackets = "; the paper's number in brackets" if any(r["paper"] is not None for r in table_rows) else ""
+    return f"\nThe same in the paper's layout (our mean over seeds{brackets}):\n\n"
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
             return 2
         found = {t: found[t] for t in args.table}
     for name, table_rows in found.items():
-        text = markdown(table_rows) + WIDE_NOTE + markdown_wide(table_rows)
+        text = markdown(table_rows) + wide_note(table_rows) + markdown_wide(table_rows)
         sys.stdout.write((f"## {name}\n\n" if len(found) > 1 else "") + text + ("\n" if len(found) > 1 else ""))
         if args.out_dir:
             write_text_atomic(args.out_dir / f"{name}.md", text)

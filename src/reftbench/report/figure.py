@@ -62,8 +62,9 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
-    handles = [plt.Line2D([], [], marker="o", ls="", color="C0", label="reftbench (mean over seeds)"),
-               plt.Line2D([], [], marker="s", ls="", markerfacecolor="none", color="C3", label="paper")]
+    handles = [plt.Line2D([], [], marker="o", ls="", color="C0", label="reftbench (mean over seeds)")]
+    if any(r["paper"] is not None for rows in groups.values() for r in rows):
+        handles.append(plt.Line2D([], [], marker="s", ls="", markerfacecolor="none", color="C3", label="paper"))
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
