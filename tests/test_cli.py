@@ -178,10 +178,11 @@ def test_dry_run_of_a_table_sweep_plans_every_job_without_weights(tmp_path):
 def test_reproduce_targets_sweep_a_table_into_a_fixed_folder_and_write_it(target, sweep):
     """Resuming needs each job's folder to be the same on every call: a fixed sweep dir and a subdir
     named by the job's overrides (not by its number or the time)."""
-    res = subprocess.run(["make", "-n", "-o", ".venv/.installed", target], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", target], cwd=ROOT,
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     table = target.split("-")[1]
-    cmd = res.stdout.strip().splitlines()[-1]
+    (cmd,) = [line for line in res.stdout.splitlines() if "reftbench -m" in line]
     assert f"reftbench -m 'experiment=glob({table}_*)' {sweep} hydra.sweep.dir=reproductions/{table} " in cmd
     assert "'hydra.sweep.subdir=${hydra.job.override_dirname}'" in cmd
     assert f"reftbench-report reproductions/{table} --table {table} --out-dir results/{table}" in cmd
