@@ -167,7 +167,8 @@ def test_dry_run_of_a_table_sweep_plans_every_job_without_weights(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     plans = [line for line in res.stdout.splitlines() if line.startswith("dry run:")]
     assert len(plans) == 4 * 2  # four rows x two seeds
-    assert sum("loreft on math (llama-7b" in p and "2,097,408 trainable" in p and "(0.031%)" in p for p in plans) == 2
+    assert sum("loreft on math (llama-7b, seed 4" in p and "[table2, row loreft]: 2,097,408 trainable" in p
+               and "(0.031%)" in p for p in plans) == 2
     assert sum("lora on math (llama-13b" in p and "87,818,240 trainable" in p for p in plans) == 2
     assert not list(tmp_path.rglob("result.json"))
 

@@ -47,12 +47,13 @@ def plan(cfg) -> dict:
     model = models.build_meta(cfg.model, kind=OBJECTIVES[task.kind].model_kind, num_labels=task.num_labels)
     method = methods.build(cfg.intervention, model)
     return {"model": cfg.model.name, "task": task.name, "method": cfg.intervention.name, "seed": int(cfg.seed),
-            "params": method.param_counts()}
+            "params": method.param_counts(), "table": cfg.get("table"), "row": cfg.get("row")}
 
 
 def plan_line(p: dict) -> str:
     c = p["params"]
-    return (f"dry run: {p['method']} on {p['task']} ({p['model']}, seed {p['seed']}): "
+    where = f" [{p['table']}, row {p['row']}]" if p.get("table") and p.get("row") else ""
+    return (f"dry run: {p['method']} on {p['task']} ({p['model']}, seed {p['seed']}){where}: "
             f"{c['trainable']:,} trainable of {c['base']:,} base params ({c['percent']:.3f}%)")
 
 
