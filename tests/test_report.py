@@ -185,16 +185,18 @@ def test_a_changed_setting_is_not_matched_to_the_paper(tmp_path):
                                      by_task={t: 0.5 for t in CS}, overrides=["intervention.rank=4"]))
     _write(tmp_path, "b", _table_run("table1", "loreft", "loreft", "llama-7b", "commonsense", 42,
                                      by_task={t: 0.6 for t in CS}, overrides=["task.data_dir=/data", "device=cuda"]))
+    _write(tmp_path, "c", _table_run("table1", "loreft", "loreft", "llama-7b", "commonsense", 43,
+                                     by_task={t: 0.4 for t in CS}, overrides=["task.train_limit=100"]))
     rows = report.tables(report.load_records(tmp_path))["table1"]
     changed = _by(rows, "llama-7b", "loreft")
-    assert changed["boolq"]["mean"] == pytest.approx(50.0) and changed["boolq"]["paper"] is None
+    assert changed["boolq"]["mean"] == pytest.approx(45.0) and changed["boolq"]["paper"] is None
     assert _by(rows, "llama-7b", "LoReFT")["boolq"]["mean"] == pytest.approx(60.0)  # data path: still the paper's
 
 
 def test_missing_tasks_of_a_row_are_gaps_and_leave_the_average_a_gap(tmp_path):
     for seed, acc in ((42, 0.90), (43, 0.94)):
         _write(tmp_path, f"sst2-{seed}", _table_run("table4", "loreft", "loreft", "roberta-base", "sst2", seed,
-                                                    acc=acc, percent=0.015))
+                                                    acc=acc, percent=0.015, overrides=["task=sst2"]))
     rows = report.tables(report.load_records(tmp_path))["table4"]
     mine = _by(rows, "roberta-base", "LoReFT")
     assert mine["sst2"]["mean"] == pytest.approx(92.0) and mine["sst2"]["paper"] == 93.4

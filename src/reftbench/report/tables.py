@@ -20,9 +20,10 @@ from pathlib import Path
 
 PAPER_FILE = files("reftbench") / "report" / "reft_paper.csv"
 NO_TABLE = "results"  # runs that belong to no table (no `table` in their config)
-# Overrides that leave a paper row's setting as it was: where the data and model files are, the seed,
-# the device, and what is saved or logged.
-NEUTRAL = ("experiment", "seed", "task.data_dir", "task.files.", "model.path", "device", "eval_batch_size",
+# Overrides that leave a paper row's setting as it was: which of its test sets to score (`task`: every
+# task of a table trains on the table's data, GLUE rows keep per-task settings), where the data and model
+# files are, the seed, the device, and what is saved or logged.
+NEUTRAL = ("experiment", "task", "seed", "task.data_dir", "task.files.", "model.path", "device", "eval_batch_size",
            "save_intervention", "eval_frozen", "wandb.", "resume", "hydra.", "table")
 GAP = "–"
 METHOD_ORDER = ["none", "loreft", "direft", "noreft", "red", "lora", "dora", "bitfit", "full"]
