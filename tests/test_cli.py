@@ -187,3 +187,25 @@ def test_reproduce_targets_sweep_a_table_into_a_fixed_folder_and_write_it(target
     assert f"reftbench -m 'experiment=glob({table}_*)' {sweep} hydra.sweep.dir=reproductions/{table} " in cmd
     assert "'hydra.sweep.subdir=${hydra.job.override_dirname}'" in cmd
     assert f"reftbench-report reproductions/{table} --table {table} --out-dir results/{table}" in cmd
+
+
+def test_a_table_row_run_through_the_cli_reports_each_test_set_and_their_average(tmp_path):
+    """The real record of a several-test-set run (commonsense) -> the report's per-set cells and the
+    average; on a stand-in model the run is a variant, not set beside the paper."""
+    from reftbench import report
+    fixtures = ROOT / "tests" / "fixtures" / "llm-adapters"
+    res = reftbench("experiment=table1_loreft_llama7b", "model=tiny-random-llama", f"task.data_dir={fixtures}",
+                    "trainer.max_steps=2", "trainer.batch_size=4", "task.eval_limit=2", "task.max_new_tokens=4",
+                    "intervention.rank=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert rec["config"]["table"] == "table1" and rec["config"]["row"] == "loreft"
+    rows = report.tables([rec])["table1"]
+    mine = {r["task"]: r for r in rows if r["model"] == "tiny-random-llama"}
+    sets = list(rec["metrics"]["trained"]["by_task"])
+    assert sorted(mine) == sorted(sets + ["avg"]) and len(sets) == 8
+    for t in sets:
+        assert mine[t]["mean"] == pytest.approx(100 * rec["metrics"]["trained"]["by_task"][t]["accuracy"])
+        assert mine[t]["paper"] is None  # another model: no paper cell
+    assert mine["avg"]["mean"] == pytest.approx(sum(mine[t]["mean"] for t in sets) / 8)
+    assert all(r["mean"] is None for r in rows if r["model"] == "llama-7b")  # the paper's rows: gaps
