@@ -5,12 +5,13 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path
 
 PACKAGES = ("reftbench", "torch", "transformers", "peft", "datasets", "hydra-core", "omegaconf",
             "tokenizers", "safetensors", "reasoning-gym")
@@ -93,17 +94,8 @@ def peak_memory(device: torch.device, rss: PeakRSS) -> dict:
 
 def write_json_atomic(path, data) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def command_line() -> str:

@@ -4,11 +4,10 @@ For each table (the `table` its runs were started with; `results` for runs of no
 CSV and LaTeX, and the paper's Figure 1 for what was run. Without --out-dir the markdown is printed.
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_path
 from .figure import draw
 from .tables import (build_cells, latex, latex_wide, load_paper, load_records, markdown,  # noqa: F401
                      markdown_wide, rows, score, task_scores, to_csv)
@@ -21,17 +20,9 @@ def wide_note(table_rows) -> str:
 
 
 def write_text_atomic(path, text: str) -> None:
-    """A temporary file in the same folder, then a rename: a reader never sees half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A reader never sees half a table."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def tables(records: list[dict], paper=None) -> dict[str, list[dict]]:

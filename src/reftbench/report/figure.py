@@ -6,10 +6,10 @@ average (a method is drawn only where it has every task); a table without one, p
 A method with no trainable parameters (the frozen model, a linear probe) has no place on a log
 axis and is drawn as a dashed line.
 """
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from ..atomic import atomic_path
 
 
 def panels(table_rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -40,9 +40,7 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
         for r in rows:
             pct = r["params_percent"]
             for value, filled in ((r["mean"], True), (r["paper"], False)):
-                if value is None:
-                    continue
-                if pct is None:
+                if value is None or pct is None:
                     continue
                 if pct == 0:  # no trainable parameters: a reference line
                     ax.axhline(value, ls="--", lw=1, color="grey")
@@ -68,14 +66,9 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return True

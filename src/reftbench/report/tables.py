@@ -227,7 +227,7 @@ def rows(cells: list[Cell]) -> list[dict]:
         paper = paper_score(c)
         runs = _runs(c)
         params = next((r["params"] for r in runs if r.get("params")), {})
-        frozen = [100 * s for r in c.runs for s in [task_scores(r, "frozen").get(c.task)] if s is not None]
+        frozen = [100 * s for s in c.scores("frozen")]
         judged_offline = any("alpaca_eval_outputs" in ((r.get("metrics") or {}).get("trained") or {}) for r in runs)
         times = [r["train"]["train_seconds"] for r in runs if (r.get("train") or {}).get("train_seconds") is not None]
         rss = [m["cpu_peak_rss_gib"] for r in runs if (m := r.get("memory") or {}).get("cpu_peak_rss_gib") is not None]
