@@ -62,6 +62,11 @@ def test_unknown_option_fails_without_traceback(tmp_path):
                                   "(check the spelling; to add a new key use +intervention.rnak=...)")
     res = reftbench(*TINY, "intervention=nope", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().startswith("reftbench: error: intervention=nope is unknown")
+    # an optional group would skip an unknown experiment silently and run the defaults instead
+    res = reftbench(*TINY, "experiment=table1_loreft_llama8b", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("reftbench: error: experiment=table1_loreft_llama8b is unknown: choose one of")
+    assert not list(tmp_path.rglob("result.json"))
 
 
 def test_same_seed_same_numbers(tmp_path):
