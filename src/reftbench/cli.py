@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ReftbenchError
 
 _FAILED: list[str] = []  # multirun jobs that stopped on bad input
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the package (conf/ at the repo root links here)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

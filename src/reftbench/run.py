@@ -142,6 +142,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "seed": int(cfg.seed),
         "metrics": metrics,
         "params": params,
+        "method_report": method.report(),
         "train": stats,
         "wall_seconds": time.time() - t0,
         "memory": None,  # filled in by run() once the whole run is measured

@@ -69,6 +69,9 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
             batch = to_device(batch, device)
             with method.context(batch):
                 loss = loss_fn(model, batch)
+                term = method.loss_term()
+            if term is not None:  # the method's own objective (a regulariser), added blind to which method
+                loss = loss + term
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
             micro += 1

@@ -1,8 +1,8 @@
 """The one interface every method sits behind (peft-style: a config dataclass plus a module).
 
 The runner only ever calls: build(cfg, model), method.trainable_parameters(),
-method.context(batch) around a forward pass, method.train()/eval(), method.param_counts(),
-method.save(dir) and load(dir, model). It never branches on which method it holds.
+method.context(batch) around a forward pass, method.loss_term() after it, method.train()/eval(),
+method.param_counts(), method.report(), method.save(dir) and load(dir, model). It never branches on which method it holds.
 """
 import dataclasses
 import json
@@ -58,6 +58,15 @@ class Method(nn.Module):
     def context(self, batch: dict):
         """Per-batch state (e.g. which positions to intervene on) around one forward or generate."""
         yield
+
+    def loss_term(self) -> "torch.Tensor | None":
+        """A term of the method's own that the training loop adds to the task loss (a regulariser),
+        computed after the forward pass it belongs to; None for methods that have none."""
+        return None
+
+    def report(self) -> dict:
+        """Method-specific facts for result.json (`method_report`), e.g. the sparsity a method reached."""
+        return {}
 
     def param_counts(self) -> dict:
         trainable = sum(p.numel() for p in self.trainable_parameters())
