@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import methods, models, tasks
+from . import checkpoint, methods, models, precision, tasks
 from .errors import ConfigError
 from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
-from .train import check_trainer, train
+from .train import check_trainer, effective_lr, make_accelerator, train
 
 log = logging.getLogger("reftbench")
 
@@ -25,6 +25,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    if name == "auto":  # the GPU when one is visible
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is visible: use device=cpu")
@@ -72,10 +74,13 @@ def finished(cfg, out_dir: Path) -> dict | None:
 
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
     with PeakRSS() as rss:
-        record = _run(cfg, Path(out_dir))
+        record, out_dir, main = _run(cfg, Path(out_dir))
     record["memory"] = peak_memory(pick_device(cfg.device), rss)
     record["overrides"] = list(overrides or [])
-    write_json_atomic(Path(out_dir) / "result.json", record)
+    if main:  # one result.json per run: a distributed run's first process writes it
+        write_json_atomic(out_dir / "result.json", record)
+        if not cfg.trainer.get("keep_checkpoints", False):
+            checkpoint.remove(out_dir / "checkpoints")
     return record
 
 
@@ -83,9 +88,15 @@ def _run(cfg, out_dir: Path) -> dict:
     t0 = time.time()
     check_run(cfg)
     seed_everything(int(cfg.seed))
-    device = pick_device(cfg.device)
     task = tasks.build(cfg.task)
     check_trainer(cfg.trainer)
+    effective_lr(cfg.trainer, cfg.intervention)  # no learning rate at all: one line now, not after loading
+    accelerator = make_accelerator(precision.resolve(cfg.trainer.precision, cfg.model.get("dtype", "float32")),
+                                   cfg.device)
+    device, main = accelerator.device, accelerator.is_main_process
+    if accelerator.num_processes > 1:  # every process works in the first one's run folder
+        from accelerate.utils import broadcast_object_list
+        out_dir = Path(broadcast_object_list([str(out_dir)])[0])
     kind = OBJECTIVES[task.kind]
     loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed))
     model, tok = loaded.model.to(device), loaded.tokenizer
@@ -106,7 +117,7 @@ def _run(cfg, out_dir: Path) -> dict:
     if heldout:  # open-ended tasks: the answer loss on held-out training examples, computed offline
         metrics.setdefault("frozen", {})["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size)
 
-    wandb_log = _wandb(cfg)
+    wandb_log = _wandb(cfg) if main else None
     seed_everything(int(cfg.seed))  # the method's initialisation does not depend on eval_frozen
     method = methods.build(cfg.intervention, model).to(device)
     params = method.param_counts()
@@ -114,24 +125,28 @@ def _run(cfg, out_dir: Path) -> dict:
     head = objective.head_parameters(model)
     selection = _Selection(objective, model, method, head, select, cfg.eval_batch_size) if select else None
     stats = train(model, method, train_set, cfg.trainer, objective.collate, objective.loss, int(cfg.seed),
-                  log=wandb_log, extra_params=head, on_epoch_end=selection)
+                  log_fn=wandb_log, extra_params=head, on_epoch_end=selection, accelerator=accelerator,
+                  checkpoint_dir=out_dir / "checkpoints", fingerprint=OmegaConf.to_container(cfg, resolve=True),
+                  resume=bool(cfg.resume))
     if selection:
         stats.update(selection.restore_best())
-    metrics["trained"], outputs = objective.evaluate(model, test_records, cfg.eval_batch_size, method=method,
-                                                     desc="eval trained")
-    if cfg.save_intervention:
+    with accelerator.autocast():  # the trained weights are evaluated under the precision they trained in
+        metrics["trained"], outputs = objective.evaluate(model, test_records, cfg.eval_batch_size, method=method,
+                                                         desc="eval trained")
+    if cfg.save_intervention and main:
         method.save(out_dir / "intervention")
         if head:  # the head trained too: keep it beside the intervention, under the model's own names
             from safetensors.torch import save_file
             ids = {id(p) for p in head}
             save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids},
                       str(out_dir / "intervention" / "head.safetensors"))
-    if task.metric == "alpaca_eval":  # open-ended answers are judged offline by `alpaca_eval`
+    if task.metric == "alpaca_eval" and main:  # open-ended answers are judged offline by `alpaca_eval`
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
         metrics["trained"] = {"alpaca_eval_outputs": str(path), "n": len(outputs)}
     if heldout:
-        metrics["trained"]["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size, method)
+        with accelerator.autocast():
+            metrics["trained"]["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size, method)
 
     record = {
         "method": cfg.intervention.name,
@@ -157,7 +172,7 @@ def _run(cfg, out_dir: Path) -> dict:
         import wandb
         wandb.log({f"eval/{k}_score": v["score"] for k, v in metrics.items() if "score" in v})
         wandb.finish()
-    return record
+    return record, out_dir, main
 
 
 class _Selection:
@@ -177,6 +192,12 @@ class _Selection:
             self.best, self.best_epoch = metrics["score"], epoch
             self.state = ({k: v.detach().clone() for k, v in self.method.state_dict().items()},
                           [p.detach().clone() for p in self.head])
+
+    def state_dict(self) -> dict:  # the best state so far goes into the run's checkpoints
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state["state"]
 
     def restore_best(self) -> dict:
         method_state, head_state = self.state

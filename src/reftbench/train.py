@@ -1,15 +1,26 @@
-"""The training loop. It sees a method only through the shared interface."""
+"""The training loop, on `accelerate.Accelerator`. It sees a method only through the shared interface.
+
+One code path for one CPU, one GPU and several processes (DDP or FSDP under `accelerate launch` or
+`torchrun`): mixed precision from `trainer.precision`, gradient accumulation that never spans two
+epochs, clipping through the accelerator, and resumable checkpoints (see `checkpoint.py`).
+"""
+import logging
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from . import checkpoint, precision
 from .data import to_device
 from .errors import ConfigError
 from .models import backbone
+
+log = logging.getLogger("reftbench")
 
 
 def answer_loss(model, batch) -> torch.Tensor:
@@ -29,73 +40,218 @@ def answer_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels[keep])
 
 
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def check_trainer(cfg):
-    for k in ("lr", "batch_size", "grad_accum", "max_length"):
-        if not (isinstance(cfg[k], (int, float)) and cfg[k] > 0):
+    for k in ("batch_size", "grad_accum", "max_length"):
+        if not _positive(cfg[k]):
             raise ConfigError(f"trainer.{k}={cfg[k]} must be a positive number")
+    if cfg.get("lr") is not None and not _positive(cfg.lr):
+        raise ConfigError(f"trainer.lr={cfg.lr} must be a positive number (or null: the method's own intervention.lr)")
     if cfg.epochs is not None and cfg.epochs <= 0 and not cfg.max_steps:
         raise ConfigError(f"trainer.epochs={cfg.epochs} must be positive (or set trainer.max_steps)")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
     if cfg.weight_decay < 0:
         raise ConfigError(f"trainer.weight_decay={cfg.weight_decay} must be >= 0")
+    if cfg.get("precision", "auto") not in precision.POLICIES:
+        raise ConfigError(f"trainer.precision={cfg.precision!r} is unknown: use {', '.join(precision.POLICIES)}")
+    every = cfg.get("save_every")
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every > 0):
+        raise ConfigError(f"trainer.save_every={every} must be a positive number of optimiser steps (or null)")
 
 
-def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed: int = 0, log=None,
-          extra_params=(), on_epoch_end=None) -> dict:
+def effective_lr(cfg, method_config) -> float:
+    """The one learning rate a run trains at: `trainer.lr` when set (so a sweep over it moves every
+    method), else the method's own recommended `intervention.lr`."""
+    lr = cfg.get("lr")
+    if lr is None:
+        lr = method_config.lr
+    if lr is None:
+        raise ConfigError("no learning rate: set trainer.lr (or the method's intervention.lr)")
+    return float(lr)
+
+
+def make_accelerator(policy: str, device: str = "auto"):
+    """The run's Accelerator. `device`: auto (the GPU when one is visible), cpu, cuda or cuda:N; under
+    a distributed launch each process takes the device the launcher gave it."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+    if device != "cpu" and device != "auto" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but no CUDA device is visible: use device=auto or device=cpu")
+    if device.startswith("cuda:") and PartialState().num_processes == 1:
+        torch.cuda.set_device(torch.device(device))
+    # A run may follow another in this process (a sweep, the tests) with another precision: accelerate
+    # keeps its precision process-wide, so forget it (the process group, in PartialState, stays).
+    AcceleratorState._reset_state()
+    # the loop calls no_sync itself and steps its scheduler once per optimiser step
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision.ACCELERATE[policy],
+                       step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+
+
+def policy_of(accelerator) -> str:
+    return {v: k for k, v in precision.ACCELERATE.items()}[accelerator.mixed_precision]
+
+
+class Step(nn.Module):
+    """The one module DDP/FSDP wrap: model and method together, forward = one micro-batch's loss
+    (the task loss plus the method's own term). Wrapping both lets DDP see every trainable tensor,
+    the method's own modules (ReFT interventions) included."""
+
+    def __init__(self, model, method, loss_fn):
+        super().__init__()
+        self.model, self.method, self.loss_fn = model, method, loss_fn
+
+    def forward(self, batch):
+        loss = self.loss_fn(self.model, batch)
+        term = self.method.loss_term()
+        return loss if term is None else loss + term
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global micro-batches of one epoch: a shuffle that depends on (seed, epoch) only, so a
+    resumed run and every process see the same order without sharing any state."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def shard(batch: list[int], rank: int, world: int, order: list[int]) -> list[int]:
+    """This process's equal share of a global micro-batch; a short last batch is completed from the
+    epoch's start (as accelerate's even_batches) so no process idles and DDP's average is fair."""
+    if len(batch) % world:
+        batch = batch + order[:world - len(batch) % world]
+    k = len(batch) // world
+    return batch[rank * k:(rank + 1) * k]
+
+
+def set_mode(model, method, training: bool, base_dropout: bool = True, checkpointing: bool = False):
+    """Training: the base model in train mode when base_dropout (pyreft's way: RoBERTa's dropout and the
+    classifier's are on), else in eval mode; the method's own modules in train mode either way.
+    Evaluation: everything in eval mode."""
+    model.train(training and base_dropout)
+    if training and checkpointing and not base_dropout:
+        for m in model.modules():  # HF recomputes a layer only in training mode: flip those flags alone,
+            if getattr(m, "gradient_checkpointing", False):  # their dropouts stay off
+                m.training = True
+    method.train(training)
+
+
+def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed: int = 0, log_fn=None,
+          extra_params=(), on_epoch_end=None, accelerator=None, checkpoint_dir=None, fingerprint=None,
+          resume: bool = True) -> dict:
     """cfg: the `trainer` config group. `extra_params` train beside the method's (a classification
-    head); `on_epoch_end(epoch)` runs after each pass over the data (model selection)."""
+    head); `on_epoch_end(epoch)` runs after each pass over the data (model selection; if it has
+    state_dict/load_state_dict, its state goes into the checkpoints). `checkpoint_dir`: where to
+    write resumable checkpoints and, when `resume`, look for one of this same `fingerprint` (the run's
+    config) to resume from (None: no checkpoints)."""
     check_trainer(cfg)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         collate_fn=collate, drop_last=False)
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
-    extra = list(extra_params)
-    for p in extra:
+    acc = accelerator or make_accelerator(
+        precision.resolve(cfg.get("precision", "auto"), str(model.dtype).removeprefix("torch.")),
+        "cpu" if next(model.parameters()).device.type == "cpu" else "auto")
+    policy = policy_of(acc)
+    lr = effective_lr(cfg, method.config)
+    head = list(extra_params)
+    for p in head:
         p.requires_grad_(True)
-    params = list({id(p): p for p in method.trainable_parameters() + extra}.values())
-    step, micro, epoch, losses, t0 = 0, 0, 0, [], time.time()
+    own = method.trainable_parameters()
+    precision.upcast_trainable(own + head, policy, model)
+    params = list({id(p): p for p in own + head}.values())
+    base_dropout, ckpt_grad = bool(cfg.get("base_dropout", True)), bool(cfg.get("gradient_checkpointing", False))
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"trainer.batch_size={cfg.batch_size} is the global batch and must split evenly over "
+                          f"{world} processes")
+    n_batches = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)  # the last group of an epoch may be short
+    total = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total)
+    decay = float(cfg.weight_decay)
+    method_decay = decay if getattr(method.config, "decay", True) else 0.0
+    stats = {"lr": lr, "precision": policy, "param_dtypes": precision.dtypes({"method": own, "head": head}),
+             "weight_decay": {"method": method_decay, "head": decay},
+             "processes": world, "global_batch": cfg.batch_size * cfg.grad_accum, "total_steps": total,
+             "warmup_steps": warmup, "resumed_from_step": None}
     if not params:  # nothing to train (intervention=none on a generation task): the frozen model
-        return {"steps": 0, "train_seconds": 0.0, "final_loss": None}
-    lr = method.config.lr or cfg.lr
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    method.train()
-    bar = tqdm(total=total, desc="train", unit="step", leave=False, dynamic_ncols=True, disable=None)
-    while step < total:
-        for batch in loader:
-            batch = to_device(batch, device)
-            with method.context(batch):
-                loss = loss_fn(model, batch)
-                term = method.loss_term()
-            if term is not None:  # the method's own objective (a regulariser), added blind to which method
-                loss = loss + term
-            (loss / cfg.grad_accum).backward()
+        return {"steps": 0, "epochs": 0, "train_seconds": 0.0, "final_loss": None, **stats}
+
+    if ckpt_grad:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step_module = Step(model, method, loss_fn)
+    prepared = acc.prepare(step_module)
+    ids = {id(p) for p in own}
+    # pyreft never decays intervention weights; a method says so through MethodConfig.decay
+    groups = [{"params": [p for p in params if id(p) in ids], "weight_decay": method_decay},
+              {"params": [p for p in params if id(p) not in ids], "weight_decay": decay}]
+    if acc.distributed_type == "FSDP":  # FSDP replaced the tensors: train what it holds (full finetuning)
+        params = [p for p in prepared.parameters() if p.requires_grad]
+        groups = [{"params": params, "weight_decay": method_decay}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    sched = get_linear_schedule_with_warmup(opt, warmup, total)
+    opt, sched = acc.prepare(opt, sched)
+    on = cfg.get("checkpoints", True)
+    saver = checkpoint.Saver(acc, step_module, checkpoint_dir if on else None, fingerprint, on_epoch_end, resume)
+    state = {"step": 0, "epoch": 0, "batch": 0, "losses": []}
+    resumed = saver.resume(state)
+    if resumed is not None:
+        stats["resumed_from_step"] = resumed
+        log.info("resumed from the checkpoint at optimiser step %d (epoch %d, batch %d)", resumed,
+                 state["epoch"], state["batch"])
+
+    t0 = time.time()
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", leave=False, dynamic_ncols=True,
+               disable=None if acc.is_main_process else True)
+    set_mode(model, method, True, base_dropout, ckpt_grad)
+    losses = state["losses"]
+    while state["step"] < total:
+        batches = epoch_batches(len(examples), cfg.batch_size, seed, state["epoch"])
+        order = [i for b in batches for i in b]
+        for i in range(state["batch"], len(batches)):
+            start = i - i % cfg.grad_accum
+            size = min(cfg.grad_accum, len(batches) - start)  # micro-batches in this optimiser step
+            sync = i + 1 == start + size
+            ids_ = shard(batches[i], rank, world, order) if world > 1 else batches[i]
+            batch = to_device(collate([examples[j] for j in ids_]), acc.device)
+            # The method's context stays open across backward: a checkpointed layer recomputed during
+            # backward then intervenes at this batch's positions too.
+            with (nullcontext() if sync else acc.no_sync(prepared)), method.context(batch):
+                loss = prepared(batch)
+                acc.backward(loss / size)
             losses.append(loss.item())
-            micro += 1
-            if micro % cfg.grad_accum:
+            state["batch"] = i + 1
+            if not sync:
                 continue
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            recent = sum(losses[-cfg.grad_accum:]) / cfg.grad_accum
+            state["step"] += 1
+            recent = sum(losses[-size:]) / size
             bar.set_postfix(loss=f"{recent:.3f}")
             bar.update(1)
-            if log:
-                log({"train/loss": recent, "train/lr": sched.get_last_lr()[0]}, step)
-            if step >= total:
+            if log_fn and acc.is_main_process:
+                log_fn({"train/loss": recent, "train/lr": sched.get_last_lr()[0]}, state["step"])
+            if state["step"] >= total:
                 break
-        epoch += 1
+            if cfg.get("save_every") and state["step"] % cfg.save_every == 0 and state["batch"] < len(batches):
+                saver.save(state)
+        state["epoch"] += 1
+        state["batch"] = 0
         if on_epoch_end:
-            method.eval()
-            on_epoch_end(epoch)
-            method.train()
+            set_mode(model, method, False)
+            with acc.autocast():
+                on_epoch_end(state["epoch"])
+            set_mode(model, method, True, base_dropout, ckpt_grad)
+        saver.save(state)
     bar.close()
-    method.eval()
+    saver.close()
+    set_mode(model, method, False)
+    if ckpt_grad:
+        model.gradient_checkpointing_disable()
     tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": step, "epochs": epoch, "train_seconds": time.time() - t0, "final_loss": sum(tail) / len(tail)}
+    return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": time.time() - t0,
+            "final_loss": sum(tail) / len(tail) if tail else None, **stats}

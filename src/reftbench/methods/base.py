@@ -31,8 +31,10 @@ def register(name: str, config_cls: type):
 @dataclasses.dataclass
 class MethodConfig:
     name: str
-    # A method that needs its own learning rate to train at all says so here; null keeps trainer.lr.
+    # The method's own recommended learning rate, used when trainer.lr is null (an explicit trainer.lr wins).
     lr: float | None = None
+    # Whether trainer.weight_decay applies to the method's parameters (pyreft never decays ReFT's).
+    decay: bool = True
 
 
 class Method(nn.Module):
