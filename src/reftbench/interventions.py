@@ -106,7 +106,7 @@ class HouseholderRows(nn.Module):
         self.X.copy_(X)
 
     def load_R(self, R: torch.Tensor) -> None:
-        self.set_state(*householder_state(R.to(self.base)))
+        self.set_state(*householder_state(R.to(self.base.dtype)))  # computed where R is
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         if prefix + "R" in state_dict and prefix + "X" not in state_dict:

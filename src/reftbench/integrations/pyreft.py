@@ -164,15 +164,18 @@ def load(path, model, positions: str | None = None, **options):
         raise ConfigError(f"{path}/config.json cannot be read: {e}") from None
     name, layers, rank, share, placed = _layout(config, path)
     saved = json.loads((path / OURS_FILE).read_text()) if (path / OURS_FILE).is_file() else {}
-    cfg = {**saved, "name": name, "rank": rank, "layers": layers, "share_weights": share, **options}
+    cfg = {"name": name, "rank": rank, "layers": layers, "share_weights": share, **saved, **options}
     if positions is not None:
         cfg["positions"] = positions
     if "positions" not in cfg:
         raise ConfigError("pyreft's config.json does not record the positions: pass positions=, e.g. 'f7+l7' (pyreft train.py's -p)")
     method = methods.build(cfg, model)
-    if method.groups != [g for g in ("tied", "first", "last") if g in {p[2] for p in placed}]:
-        raise ConfigError(f"positions={cfg['positions']!r} gives groups {method.groups}, but {path} has "
-                          f"{'tied' if share else 'untied (first/last)'} interventions")
+    groups = sorted({g for _, _, g in placed})
+    found = (method.config.name, method.config.rank, method.layer_ids, sorted(method.groups))
+    if found != (name, rank, layers, groups):
+        method.remove()
+        raise ConfigError(f"the options (intervention, rank, layers, groups) = {found} do not fit {path}, "
+                          f"which holds {(name, rank, layers, groups)}: check positions= and share_weights")
     state = {}
     for key, layer, group in placed:
         bin_path = path / f"intkey_{key}.bin"
