@@ -8,7 +8,7 @@ from reftbench.errors import ConfigError
 from reftbench.models import count_params
 from reftbench.train import answer_loss
 
-from conftest import method_cfg, tiny_bert, tiny_llama
+from conftest import ROOT, method_cfg, tiny_bert, tiny_llama
 
 
 def _batch(tok):
@@ -17,16 +17,36 @@ def _batch(tok):
     return collate_train(exs, tok.pad_token_id)
 
 
+PER_INTERVENTION = {  # trainable parameters per intervention, d = hidden size, r = rank
+    "loreft": lambda d, r: r * d + r * d + r,      # R (its parameter X, d×r) + W (r×d) + b
+    "noreft": lambda d, r: r * d + r * d + r,      # W2 + W + b
+    "direft": lambda d, r: r * d + r * d + r,      # W2 + W1 + b
+    "orthdireft": lambda d, r: r * d + r * d + r,  # R + W + b
+    "consreft": lambda d, r: r * d + r,            # R + b
+    "lobireft": lambda d, r: r * d + r,            # R + b
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_INTERVENTION))
 @pytest.mark.parametrize("share,groups", [(True, 1), (False, 2)])
-def test_param_counts_match_hand_computation(llama, share, groups):
-    m = methods.build(method_cfg(rank=3, layers="1;3", share_weights=share), llama.model)
-    d, r = 64, 3
-    per = r * d + r * d + r  # R (r×d) + W (r×d) + b (r)
+def test_param_counts_match_hand_computation(llama, name, share, groups):
+    m = methods.build(method_cfg(name=name, rank=3, layers="1;3", share_weights=share), llama.model)
     counts = m.param_counts()
     base = count_params(llama.model)
-    assert counts["trainable"] == 2 * groups * per
+    assert counts["trainable"] == 2 * groups * PER_INTERVENTION[name](64, 3)
     assert counts["base"] == base
     assert counts["percent"] == pytest.approx(100 * counts["trainable"] / (base + counts["trainable"]))
+
+
+@pytest.mark.parametrize("name", sorted(PER_INTERVENTION))
+def test_dry_run_counts_for_every_shipped_yaml(name):
+    """conf/intervention/<name>.yaml plans on LLaMA-7B's architecture (meta device, no weights)."""
+    from hydra import compose, initialize_config_dir
+    from reftbench.run import plan
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["dry_run=true", "model=llama-7b", f"intervention={name}",
+                                           "intervention.rank=8", "intervention.positions=f7+l7"])
+    assert plan(cfg)["params"]["trainable"] == 32 * PER_INTERVENTION[name](4096, 8)
 
 
 def test_only_intervention_parameters_train(llama):
@@ -74,7 +94,7 @@ def test_training_lowers_the_loss_and_keeps_R_orthonormal(llama):
         assert torch.allclose(R @ R.T, torch.eye(2), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["loreft", "noreft", "direft"])
+@pytest.mark.parametrize("name", sorted(PER_INTERVENTION))
 def test_save_load_round_trip(tmp_path, name):
     a = tiny_llama(seed=3)
     m = methods.build(method_cfg(name=name, share_weights=False, layers="0;2"), a.model)
@@ -96,6 +116,8 @@ def test_save_load_round_trip(tmp_path, name):
 @pytest.mark.parametrize("kw,match", [
     (dict(rank=0), "rank=0"), (dict(rank=65), "rank=65"), (dict(layers="0;9"), "layer 9"),
     (dict(layers="a;b"), "malformed"), (dict(positions="f7l7"), "malformed"), (dict(dropout=1.5), "dropout"),
+    (dict(orthogonal_map="cayley"), "orthogonal_map='cayley'"), (dict(dropout_mode="all"), "dropout_mode='all'"),
+    (dict(name="direft", orthogonal_map="qr"), "no option 'orthogonal_map'"),
 ])
 def test_bad_options_are_one_clear_line(llama, kw, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -163,3 +185,90 @@ def test_hydra_list_layers_save_as_plain_json(tmp_path, llama):
     m.save(tmp_path / "iv")
     assert '"layers": [\n    0,\n    2\n  ]' in (tmp_path / "iv" / "method.json").read_text()
     assert m.layer_ids == [0, 2]
+
+
+def test_saved_householder_R_is_compact_and_reloads_exactly(tmp_path):
+    """B (d×d) is not written: R is, and loading rebuilds B around it with X = −I."""
+    from safetensors.torch import load_file
+    a = tiny_llama(seed=3)
+    m = methods.build(method_cfg(layers="0;2"), a.model)
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
+    batch = _batch(a.tokenizer)
+    for _ in range(3):  # X away from −I
+        with m.context(batch):
+            loss = answer_loss(a.model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.save(tmp_path / "iv")
+    keys = load_file(str(tmp_path / "iv" / "weights.safetensors")).keys()
+    assert "interventions.layer0_tied.rotation.R" in keys and not any(k.endswith((".base", ".X")) for k in keys)
+    m2 = methods.load(tmp_path / "iv", tiny_llama(seed=3).model)
+    for k, iv in m.interventions.items():
+        assert torch.equal(iv.R, m2.interventions[k].R)
+
+
+def test_runs_saved_with_the_qr_map_before_it_was_an_option_still_load(tmp_path):
+    import json
+    a = tiny_llama(seed=3)
+    m = methods.build(method_cfg(layers="0;2", orthogonal_map="qr"), a.model)
+    m.save(tmp_path / "iv")
+    config = json.loads((tmp_path / "iv" / "method.json").read_text())
+    del config["orthogonal_map"], config["dropout_mode"]
+    (tmp_path / "iv" / "method.json").write_text(json.dumps(config))
+    m2 = methods.load(tmp_path / "iv", a.model)
+    assert m2.config.orthogonal_map == "qr"
+    assert all(torch.equal(iv.R, m2.interventions[k].R) for k, iv in m.interventions.items())
+
+
+def test_load_puts_the_weights_on_the_model_s_device(tmp_path):
+    """The meta device stands in for a GPU here: the loaded method follows the model."""
+    a = tiny_llama(seed=3)
+    methods.build(method_cfg(layers="0;2"), a.model).save(tmp_path / "iv")
+    b = tiny_llama(seed=3).model.to("meta")
+    m2 = methods.load(tmp_path / "iv", b)
+    assert {p.device.type for p in m2.state_dict().values()} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_load_puts_the_weights_on_the_gpu_in_fp32(tmp_path):
+    a = tiny_llama(seed=3)
+    m = methods.build(method_cfg(layers="0;2"), a.model)
+    m.save(tmp_path / "iv")
+    b = tiny_llama(dtype="bfloat16", seed=3).model.to("cuda")
+    m2 = methods.load(tmp_path / "iv", b)
+    assert {(p.device.type, p.dtype) for p in m2.trainable_parameters()} == {("cuda", torch.float32)}
+    batch = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in _batch(a.tokenizer).items()}
+    with torch.no_grad(), m2.context(batch):
+        b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize("mode", ["pyreft", "edit"])
+def test_dropout_acts_on_intervened_positions_only(llama, mode):
+    """pyreft: dropout(h + edit) at the intervened positions (h itself is dropped or scaled);
+    edit: only the edit is dropped, h passes. Nothing else moves in either mode."""
+    p = 0.999
+    m = methods.build(method_cfg(layers="0", positions="f2+l2", dropout=p, dropout_mode=mode), llama.model)
+    batch = _batch(llama.tokenizer)
+    outputs = {}
+    hook = llama.model.model.layers[0].register_forward_hook(lambda mod, a, out: outputs.setdefault(
+        "h", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            llama.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            plain = outputs.pop("h")
+            m.train()
+            torch.manual_seed(0)
+            with m.context(batch):
+                llama.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            edited = outputs.pop("h")
+    finally:
+        hook.remove()
+    rows, cols = m.positions.index(batch["prompt_lengths"], batch["prompt_offsets"], True)["tied"]
+    at = torch.zeros(plain.shape[:2], dtype=torch.bool)
+    at[rows, cols] = True
+    assert torch.equal(edited[~at], plain[~at])
+    if mode == "pyreft":
+        assert (edited[at] == 0).float().mean() > 0.99  # almost every entry of h + edit dropped
+    else:
+        assert torch.equal(edited[at], plain[at])  # every edit dropped, h kept

@@ -41,14 +41,17 @@ def test_groups_tied_and_untied():
     assert Positions.parse("l3").groups(False) == ["tied"]  # one side only: a single intervention
 
 
-def test_index_respects_offsets_and_masks_missing_slots():
+def test_index_respects_offsets_and_lists_each_position_once():
     p = Positions.parse("f2+l2")
-    out = p.index([6, 3], offsets=[0, 3], share_weights=True)
-    idx, valid = out["tied"]
-    assert idx[0].tolist() == [0, 1, 4, 5] and valid[0].all()
-    # prompt of 3 starting at 3: one first (3), one last (5), two masked slots
-    assert idx[1][valid[1]].tolist() == [3, 5]
-    assert valid[1].tolist() == [True, True, False, False]
+    rows, cols = p.index([6, 3], offsets=[0, 3], share_weights=True)["tied"]
+    # row 0: prompt of 6 from 0 -> 0,1 and 4,5; row 1: prompt of 3 from 3 -> one first (3), one last (5)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 0), (0, 1), (0, 4), (0, 5), (1, 3), (1, 5)]
+    first, last = (p.index([6, 1], offsets=[0, 0], share_weights=False)[g] for g in ("first", "last"))
+    assert cols_of(first) == [0, 1] and cols_of(last) == [4, 5]  # the 1-token prompt gets nothing
+
+
+def cols_of(index):
+    return index[1].tolist()
 
 
 def _changed_positions(model, method, batch):

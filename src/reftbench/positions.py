@@ -37,31 +37,29 @@ class Positions:
     def for_prompt(self, n: int) -> tuple[list[int], list[int]]:
         """First and last prompt positions for a prompt of n tokens.
 
-        The paper's rule (pyreft's get_intervention_locations): each side is capped at floor(n/2),
-        so the two sides never overlap. The positions that are cut (and, for odd n, the middle
-        token) are simply not intervened on; pyreft points them at a padding slot, which changes
-        nothing either.
+        pyreft's rule (get_intervention_locations, checked against it for n = 1..40): each side
+        is capped at floor(n/2), so the two sides never overlap. The positions that are cut (and,
+        for odd n, the middle token) are not intervened on; pyreft points them at a masked pad
+        token (its "sink"), which changes no real token either.
         """
         f = min(n // 2, self.first)
         l = min(n // 2, self.last)
         return list(range(f)), list(range(n - l, n))
 
-    def index(self, prompt_lengths: list[int], offsets: list[int], share_weights: bool):
-        """Per group: (index [B, K] into the padded sequence, valid [B, K] bool).
+    def group_positions(self, n: int, group: str) -> list[int]:
+        first, last = self.for_prompt(n)
+        return {"tied": first + last, "first": first, "last": last}[group]
 
-        `offsets` is where each prompt starts in its padded row (0 for right padding, the pad
-        count for left padding). Invalid slots point at the prompt's first token and are masked.
-        """
+    def index(self, prompt_lengths: list[int], offsets: list[int], share_weights: bool):
+        """Per group: (rows, cols), two flat LongTensors naming every intervened token of the
+        padded batch once. `offsets` is where each prompt starts in its padded row (0 for right
+        padding, the pad count for left padding)."""
         out = {}
         for group in self.groups(share_weights):
-            width = {"tied": self.first + self.last, "first": self.first, "last": self.last}[group]
-            idx = torch.zeros(len(prompt_lengths), width, dtype=torch.long)
-            valid = torch.zeros(len(prompt_lengths), width, dtype=torch.bool)
+            rows, cols = [], []
             for b, (n, off) in enumerate(zip(prompt_lengths, offsets)):
-                first, last = self.for_prompt(n)
-                pos = {"tied": first + last, "first": first, "last": last}[group]
-                idx[b, : len(pos)] = torch.tensor(pos, dtype=torch.long) + off
-                idx[b, len(pos):] = off
-                valid[b, : len(pos)] = True
-            out[group] = (idx, valid)
+                pos = self.group_positions(int(n), group)
+                rows += [b] * len(pos)
+                cols += [p + int(off) for p in pos]
+            out[group] = (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
         return out

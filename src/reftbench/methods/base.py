@@ -120,9 +120,22 @@ def build(cfg, model: nn.Module) -> Method:
     return cls(config, model)
 
 
-def load(path, model: nn.Module) -> Method:
+def load(path, model: nn.Module, **options) -> Method:
+    """A method saved by `Method.save`, or an intervention saved by pyreft's `ReftModel.save`
+    (config.json + intkey_*.bin; pyreft does not record the positions: pass `positions=`).
+    `options` override saved options. The weights go to the model's device, in their saved dtype."""
     path = Path(path)
-    config = json.loads((path / "method.json").read_text())
-    method = build(config, model)
-    method.load_state_dict(load_file(str(path / "weights.safetensors")))
-    return method
+    if (path / "method.json").is_file():
+        config = {**json.loads((path / "method.json").read_text()), **options}
+        state = load_file(str(path / "weights.safetensors"))
+        if any(k.endswith(".rotation.A") for k in state):  # saved before the Householder map was the default
+            config.setdefault("orthogonal_map", "qr")
+        method = build(config, model)
+        method.load_state_dict(state)
+    else:
+        from ..integrations import pyreft
+        if not pyreft.is_saved(path):
+            raise ConfigError(f"{path} holds no saved method: expected method.json + weights.safetensors "
+                              "(reftbench) or config.json + intkey_*.bin (pyreft)")
+        method = pyreft.load(path, model, **options)
+    return method.to(next(model.parameters()).device)

@@ -2,11 +2,13 @@
 
 Native PyTorch forward hooks on each block (no pyvene): the hook gathers the selected positions,
 computes the low-rank edit on those K vectors only and scatter-adds it back, so the cost is
-O(K·r·d) per layer whatever the sequence length. Interventions act only on a forward pass that
-starts at position 0 (training, prefill, or generation recomputed without a cache); cached decode
-steps pass through untouched.
+O(K·r·d) per layer whatever the sequence length. As in pyreft (pyvene), the selected vectors are
+replaced by the intervention's output Φ(h), computed in the intervention's dtype and rounded once
+to the model's. Interventions act only on a forward pass that starts at position 0 (training,
+prefill, or generation recomputed without a cache); cached decode steps pass through untouched.
+The interventions and their pyreft names: see `reftbench.interventions`.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..interventions import INTERVENTIONS
+from ..interventions import DROPOUT_MODES, HouseholderRows, INTERVENTIONS, ORTHOGONAL, ORTHOGONAL_MAPS
 from ..models import backbone, hidden_size, layers as model_layers
 from ..positions import Positions
 from .base import Method, MethodConfig, register
@@ -27,6 +29,12 @@ class ReftConfig(MethodConfig):
     positions: str = "f7+l7"
     share_weights: bool = True  # the paper's "tied": one intervention per layer for f and l
     dropout: float = 0.0
+    dropout_mode: str = "pyreft"  # pyreft: dropout(h + edit) at the intervened positions; edit: dropout of the edit only
+
+
+@dataclass
+class OrthReftConfig(ReftConfig):
+    orthogonal_map: str = "householder"  # householder: trains like pyreft (torch's map); qr: our QR map
 
 
 def parse_layers(spec, num_layers: int) -> list[int]:
@@ -64,6 +72,10 @@ class Reft(Method):
             raise ConfigError(f"intervention.rank={config.rank} is out of range: use 1..{d} (the hidden size)")
         if not 0.0 <= float(config.dropout) < 1.0:
             raise ConfigError(f"intervention.dropout={config.dropout} is out of range: use 0 <= p < 1")
+        if config.dropout_mode not in DROPOUT_MODES:
+            raise ConfigError(f"intervention.dropout_mode={config.dropout_mode!r} is unknown: use pyreft (dropout of h + edit) or edit")
+        if getattr(config, "orthogonal_map", "householder") not in ORTHOGONAL_MAPS:
+            raise ConfigError(f"intervention.orthogonal_map={config.orthogonal_map!r} is unknown: use householder (pyreft's) or qr")
         parse_layers(config.layers, len(model_layers(model)))
         Positions.parse(config.positions)
 
@@ -74,10 +86,15 @@ class Reft(Method):
         self.layer_ids = parse_layers(config.layers, len(blocks))
         self.positions = Positions.parse(config.positions)
         self.groups = self.positions.groups(bool(config.share_weights))
-        self.interventions = nn.ModuleDict({
-            f"layer{i}_{g}": self.intervention_cls(d, config.rank, float(config.dropout))
-            for i in self.layer_ids for g in self.groups
-        })
+        kw = dict(dropout=float(config.dropout), dropout_mode=config.dropout_mode)
+        if hasattr(config, "orthogonal_map"):
+            kw["orthogonal_map"] = config.orthogonal_map
+        on_meta = next(model.parameters()).device.type == "meta"
+        with torch.device("meta") if on_meta else nullcontext():  # a dry run: shapes only
+            self.interventions = nn.ModuleDict({
+                f"layer{i}_{g}": self.intervention_cls(d, config.rank, **kw)
+                for i in self.layer_ids for g in self.groups
+            })
         dtype = next(model.parameters()).dtype
         if dtype == torch.float64:  # tests compare against float64 references
             self.interventions.double()
@@ -92,6 +109,18 @@ class Reft(Method):
     def added_parameters(self) -> int:
         return sum(p.numel() for p in self.interventions.parameters())
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Householder rotations are saved as their effective R, not as B (d×d) and X: loading
+        rebuilds B around R with X = −I, which gives the same R bit for bit (not the same
+        coordinates for further training)."""
+        state = super().trainable_state()
+        for name, iv in self.interventions.items():
+            if isinstance(getattr(iv, "rotation", None), HouseholderRows):
+                prefix = f"interventions.{name}.rotation."
+                del state[prefix + "base"], state[prefix + "X"]
+                state[prefix + "R"] = iv.R.detach().contiguous()
+        return state
+
     def remove(self):
         for h in self._handles:
             h.remove()
@@ -101,7 +130,8 @@ class Reft(Method):
     def context(self, batch):
         index = self.positions.index(batch["prompt_lengths"], batch["prompt_offsets"], bool(self.config.share_weights))
         device = batch["input_ids"].device
-        self._index = {g: (i.to(device), v.to(device)) for g, (i, v) in index.items()}
+        self._index = {g: (r.to(device), c.to(device), int(c.max()) if c.numel() else -1)
+                       for g, (r, c) in index.items()}
         try:
             yield
         finally:
@@ -115,27 +145,22 @@ class Reft(Method):
         if self._index is None or self._offset != 0:
             return None  # frozen pass, or a cached decode step after the prompt
         h = output[0] if isinstance(output, tuple) else output
-        for group, (idx, valid) in self._index.items():
-            if idx.numel() and int(idx.max()) >= h.shape[1]:
+        for group, (rows, cols, last) in self._index.items():
+            if last >= h.shape[1]:
                 raise RuntimeError("intervention positions lie beyond this forward pass (chunked prefill is not supported)")
+            if last < 0:
+                continue  # no prompt in the batch is long enough for this group
             iv = self.interventions[f"layer{layer_id}_{group}"]
-            ix = idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-            selected = h.gather(1, ix)
-            delta = iv.delta(selected) * valid.unsqueeze(-1).to(selected.dtype)
-            h = h.scatter_add(1, ix, delta.to(h.dtype))
+            # each position once per group (the groups are disjoint), so the write is exact
+            h = h.index_put((rows, cols), iv(h[rows, cols]).to(h.dtype))
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
 
-@register("loreft", ReftConfig)
-class LoReFTMethod(Reft):
-    intervention_cls = INTERVENTIONS["loreft"]
+def _register(name: str):
+    cls = INTERVENTIONS[name]
+    config_cls = OrthReftConfig if name in ORTHOGONAL else ReftConfig
+    method = type(f"{cls.__name__}Method", (Reft,), {"intervention_cls": cls, "__doc__": f"ReFT with {cls.__name__}."})
+    return register(name, config_cls)(method)
 
 
-@register("noreft", ReftConfig)
-class NoReFTMethod(Reft):
-    intervention_cls = INTERVENTIONS["noreft"]
-
-
-@register("direft", ReftConfig)
-class DiReFTMethod(Reft):
-    intervention_cls = INTERVENTIONS["direft"]
+METHODS = {name: _register(name) for name in INTERVENTIONS}
