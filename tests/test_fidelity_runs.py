@@ -1,0 +1,36 @@
+"""Run-level facts that change what a number means: the headline of a several-set task, tasks judged
+offline, training examples that do not fit, model selection on NaN scores."""
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from reftbench import evaluate as evaluation, tasks
+from reftbench.objectives import Generation
+from reftbench.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "llm-adapters"
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_several_sets_headline_is_the_macro_average(monkeypatch):
+    """Two sets of very different sizes: the headline is the mean of the two accuracies (the
+    paper's Avg), not the share of all examples correct; both are recorded."""
+    cfg = OmegaConf.load(ROOT / "conf" / "task" / "commonsense.yaml")
+    task = tasks.build(cfg)
+    records = ([{"eval_task": "boolq", "instruction": "q", "answer": "true"}] * 9
+               + [{"eval_task": "piqa", "instruction": "q", "answer": "solution1"}])
+    outputs = ["the correct answer is true"] * 9 + ["the correct answer is solution2"]  # 9/9 and 0/1
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: outputs)
+    metrics, _ = Generation(task, None, 64).evaluate(None, records, batch_size=4)
+    assert metrics["by_task"] == {"boolq": {"accuracy": 1.0, "n": 9}, "piqa": {"accuracy": 0.0, "n": 1}}
+    assert metrics["score"] == metrics["accuracy"] == pytest.approx(0.5)
+    assert metrics["micro_accuracy"] == pytest.approx(0.9)
+    assert metrics["average"] == "macro"
