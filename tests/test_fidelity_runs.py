@@ -34,3 +34,19 @@ def test_several_sets_headline_is_the_macro_average(monkeypatch):
     assert metrics["score"] == metrics["accuracy"] == pytest.approx(0.5)
     assert metrics["micro_accuracy"] == pytest.approx(0.9)
     assert metrics["average"] == "macro"
+
+
+def test_a_task_judged_offline_costs_no_frozen_generation_and_has_no_frozen_score(tmp_path, monkeypatch):
+    calls = []
+    real = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    cfg = compose_cfg("model=tiny-random-llama", "task=alpaca", f"task.data_dir={FIX}", "task.heldout=1",
+                      "task.max_new_tokens=2", "trainer.max_steps=1", "trainer.batch_size=2", "eval_frozen=true")
+    rec = run(cfg, tmp_path)
+    assert calls == ["eval trained"]  # one generation pass: the trained model's answers for the judge
+    frozen = rec["metrics"]["frozen"]
+    assert "score" not in frozen and "accuracy" not in frozen and frozen["heldout_loss"] > 0
+    from reftbench import report
+    (row,) = report.tables([rec])["results"]
+    assert row["frozen"] is None and row["judged_offline"]  # a gap in the report, not 0.0
+    assert "frozen" not in report.markdown([row]).splitlines()[0]  # no frozen column of zeros

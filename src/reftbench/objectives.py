@@ -32,10 +32,12 @@ def mean_loss(objective, model, examples, batch_size, method=None) -> float:
 
 class Generation:
     model_kind = "decoder"
-    frozen_baseline = True  # the untouched model can answer: score it on the same examples
 
     def __init__(self, task, tokenizer, max_length: int):
         self.task, self.tok, self.max_length = task, tokenizer, max_length
+        # The untouched model can answer: score it on the same examples, unless a judge scores the
+        # answers offline (AlpacaEval), where a frozen pass would cost a full generation for no number.
+        self.frozen_baseline = not task.judged_offline
 
     def encode(self, records):
         return [e for r in records

@@ -36,6 +36,11 @@ class Task:
     heldout: int = 0  # training examples kept aside to report the answer loss on (open-ended tasks)
     options: dict = field(default_factory=dict)  # source-specific settings
 
+    @property
+    def judged_offline(self) -> bool:
+        """Its answers are scored by an external judge (AlpacaEval), so a run has no score of its own."""
+        return self.metric == "alpaca_eval"
+
     def prompt(self, record: dict) -> str:
         self._need_generation()
         if self.input_template and record.get("input"):
