@@ -50,3 +50,27 @@ def test_a_task_judged_offline_costs_no_frozen_generation_and_has_no_frozen_scor
     (row,) = report.tables([rec])["results"]
     assert row["frozen"] is None and row["judged_offline"]  # a gap in the report, not 0.0
     assert "frozen" not in report.markdown([row]).splitlines()[0]  # no frozen column of zeros
+
+
+def test_training_examples_that_do_not_fit_are_counted_and_recorded(tmp_path, caplog):
+    """chain-sum prompts are ~60 characters: at max_length 40 (characters, on the tiny model's
+    character tokenizer) every prompt fills it; at 70 the answers are cut."""
+    base = ["model=tiny-random-llama", "trainer.max_steps=1", "task.train_limit=8", "task.eval_limit=2",
+            "trainer.batch_size=4", "eval_frozen=false", "task.max_new_tokens=2", "save_intervention=false"]
+    from reftbench.objectives import Generation
+    from reftbench.models import char_tokenizer
+    task = tasks.build(compose_cfg(*base).task)
+    train = task.load_splits(42)["train"]
+    lengths = [len(task.prompt(r)) + 1 for r in train]  # + BOS
+    cut = sorted(lengths)[len(lengths) // 2]  # half the prompts fill max_length
+    stats = {}
+    kept = Generation(task, char_tokenizer(), cut).encode(train, stats)
+    dropped = sum(n >= cut for n in lengths)
+    assert 0 < dropped < len(train) and len(kept) == len(train) - dropped
+    assert stats == {"train_records": len(train), "train_dropped_too_long": dropped,
+                     "train_truncated": len(kept), "max_length": cut}  # every kept one lost its answer's end
+    with caplog.at_level("WARNING", logger="reftbench"):
+        rec = run(compose_cfg(*base, f"trainer.max_length={cut}"), tmp_path)
+    assert rec["data"]["train_dropped_too_long"] == dropped
+    assert json.loads((tmp_path / "result.json").read_text())["data"] == rec["data"]
+    assert any("dropped" in m for m in caplog.messages)

@@ -92,7 +92,8 @@ def _run(cfg, out_dir: Path) -> dict:
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
-    train_set, test_records, select = objective.encode(splits["train"]), splits["test"], splits.get("select")
+    data_stats = {}  # how many training examples max_length cut or dropped: recorded, not silent
+    train_set, test_records, select = objective.encode(splits["train"], data_stats), splits["test"], splits.get("select")
     heldout, train_set = train_set[:task.heldout], train_set[task.heldout:]
     if not train_set:
         raise ConfigError(f"no training example of task={task.name} fits trainer.max_length={cfg.trainer.max_length}")
@@ -144,6 +145,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "params": params,
         "method_report": method.report(),
         "train": stats,
+        "data": data_stats,
         "wall_seconds": time.time() - t0,
         "memory": None,  # filled in by run() once the whole run is measured
         "samples": [objective.sample(r, o) for r, o in list(zip(test_records, outputs))[:5]],
