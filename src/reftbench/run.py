@@ -1,6 +1,7 @@
 """One run, top to bottom: config → model → method → task data → train → evaluate → record."""
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -169,14 +170,18 @@ class _Selection:
     def __init__(self, objective, model, method, head, records, batch_size):
         self.objective, self.model, self.method, self.head = objective, model, method, head
         self.records, self.batch_size = records, batch_size
-        self.best, self.best_epoch, self.state = float("-inf"), None, None
+        self.best, self.best_epoch, self.state = None, None, None
 
     def __call__(self, epoch):
         metrics, _ = self.objective.evaluate(self.model, self.records, self.batch_size, method=self.method,
                                              desc=f"select {epoch}")
         log.info("epoch %d: selection %s", epoch, _score_text(metrics))
-        if metrics["score"] > self.best:
-            self.best, self.best_epoch = metrics["score"], epoch
+        # A NaN score (Pearson of a constant STS-B prediction) ranks below every number; when every
+        # epoch is NaN the first is kept, as HF's Trainer keeps its first best metric.
+        score = metrics["score"]
+        score = None if score is None or math.isnan(score) else float(score)
+        if self.state is None or (score is not None and (self.best is None or score > self.best)):
+            self.best, self.best_epoch = score, epoch
             self.state = ({k: v.detach().clone() for k, v in self.method.state_dict().items()},
                           [p.detach().clone() for p in self.head])
 
