@@ -93,7 +93,7 @@ def _run(cfg, out_dir: Path) -> dict:
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
-    data_stats = {}  # how many training examples max_length cut or dropped: recorded, not silent
+    data_stats = {"files": task.loaded_files}  # which files; how many examples max_length cut or dropped
     train_set, test_records, select = objective.encode(splits["train"], data_stats), splits["test"], splits.get("select")
     heldout, train_set = train_set[:task.heldout], train_set[task.heldout:]
     if not train_set:
