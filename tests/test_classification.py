@@ -72,3 +72,27 @@ def test_selection_restores_the_best_epoch():
     info = sel.restore_best()
     assert info == {"best_epoch": 2, "selection_score": 0.9}
     assert torch.all(model.weight == 2.0)
+
+
+@pytest.mark.parametrize("scores,best_epoch,best", [
+    ([float("nan")] * 3, 1, None),                      # a constant STS-B prediction every epoch
+    ([float("nan"), 0.3, float("nan")], 2, 0.3),        # a number beats NaN, whichever comes first
+    ([0.2, float("nan"), 0.1], 1, 0.2),
+])
+def test_selection_survives_nan_scores(scores, best_epoch, best):
+    class Fake:
+        it = iter(scores)
+
+        def evaluate(self, *a, **k):
+            return {"score": next(self.it), "n": 1}, []
+
+    model = torch.nn.Linear(2, 2)
+    sel = _Selection(Fake(), model, methods.build({"name": "none"}, model), list(model.parameters()),
+                     records=[1], batch_size=1)
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        sel(epoch)
+    assert sel.restore_best() == {"best_epoch": best_epoch, "selection_score": best}
+    assert torch.all(model.weight == float(best_epoch))
+    json.dumps(sel.restore_best(), allow_nan=False)  # the record stays valid JSON

@@ -214,3 +214,18 @@ def test_a_table_row_run_through_the_cli_reports_each_test_set_and_their_average
         assert mine[t]["paper"] is None  # another model: no paper cell
     assert mine["avg"]["mean"] == pytest.approx(sum(mine[t]["mean"] for t in sets) / 8)
     assert all(r["mean"] is None for r in rows if r["model"] == "llama-7b")  # the paper's rows: gaps
+
+
+def test_online_is_the_default_and_offline_an_unloadable_hub_model_is_one_line(tmp_path, monkeypatch):
+    """The CLI leaves HF_HUB_OFFLINE to the user (hub ids and data URLs work where there is a
+    network); with no hub (HF_HUB_OFFLINE=1 here, no network on this machine) a hub model is one line."""
+    from reftbench import cli
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["reftbench", "dry_run=true"])
+    monkeypatch.setattr(cli, "_app", lambda: None)
+    cli.main()
+    assert "HF_HUB_OFFLINE" not in os.environ
+    res = reftbench(*TINY, "model=llama-7b", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("reftbench: error: could not load model 'huggyllama/llama-7b'")
+    assert "model.path=" in res.stderr and not (tmp_path / "run" / "result.json").exists()

@@ -235,3 +235,35 @@ def test_unknown_table_is_one_line_and_exit_2(tmp_path, capsys):
     assert report.main([str(tmp_path), "--table", "table9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "table9" in err
+
+
+def test_other_training_data_is_not_the_papers_row_but_the_papers_own_file_is(tmp_path):
+    """task.files.train= naming another file (or the paper's file name holding other data) makes a
+    variant; naming a file whose checksum is the paper's keeps the paper's row."""
+    from reftbench.tasks.loaders import fingerprint
+    paper_file, other_file = tmp_path / "paper.json", tmp_path / "other.json"
+    paper_file.write_text("[]"), other_file.write_text("[{}]")
+    sums = {"train": "git-sha1:" + fingerprint(paper_file)["git_sha1"]}
+
+    def run_on(name, path, acc, override=True):
+        rec = _table_run("table1", "loreft", "loreft", "llama-7b", "commonsense", 42, by_task={t: acc for t in CS},
+                         overrides=[f"task.files.train={path}"] if override else ["task.data_dir=/data"])
+        rec["config"]["task"] = {"name": "commonsense", "checksums": sums}
+        rec["data"] = {"files": {"train": [fingerprint(path)]}}
+        _write(tmp_path, name, rec)
+
+    run_on("paper", paper_file, 0.7)
+    run_on("other", other_file, 0.5)
+    rows = report.tables(report.load_records(tmp_path))["table1"]
+    assert _by(rows, "llama-7b", "LoReFT")["boolq"]["mean"] == pytest.approx(70.0)
+    variant = [r for r in rows if r["model"] == "llama-7b" and r["method"].startswith("loreft")]
+    assert variant and all(r["paper"] is None for r in variant)
+    assert [r["mean"] for r in variant if r["task"] == "boolq"] == [pytest.approx(50.0)]
+    # a data_dir whose train file is not the paper's (same name, other bytes) is not the paper's row either
+    for d in tmp_path.iterdir():
+        if d.is_dir():
+            import shutil
+            shutil.rmtree(d)
+    run_on("dir", other_file, 0.4, override=False)
+    rows = report.tables(report.load_records(tmp_path))["table1"]
+    assert _by(rows, "llama-7b", "LoReFT")["boolq"]["mean"] is None

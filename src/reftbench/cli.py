@@ -95,7 +95,8 @@ def main() -> None:
     if error:
         print(f"reftbench: error: {error}", file=sys.stderr)
         sys.exit(2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
+    # HF_HUB_OFFLINE is the user's: online where there is a network (hub models, data URLs); without
+    # one, HF_HUB_OFFLINE=1 skips the hub's retries and an unloadable model is still one line.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     _app()

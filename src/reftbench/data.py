@@ -19,7 +19,8 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> dict
     if len(p) >= len(ids):
         return None
     labels = [-100] * len(p) + t
-    return {"input_ids": ids, "labels": labels[: len(ids)], "prompt_length": len(p)}
+    return {"input_ids": ids, "labels": labels[: len(ids)], "prompt_length": len(p),
+            "truncated": len(p) + len(t) > max_length}
 
 
 def collate_train(examples: list[dict], pad_id: int) -> dict:
@@ -55,7 +56,10 @@ def encode_pair(tokenizer, record: dict, max_length: int) -> dict:
     """A GLUE example: one text or a pair, truncated to max_length. Positions fN+lM count over
     the whole input, which plays the prompt's part."""
     enc = tokenizer(record["text"], record.get("text_pair"), truncation=True, max_length=max_length)
-    return {"input_ids": enc["input_ids"], "label": record["label"], "prompt_length": len(enc["input_ids"])}
+    at_cap = len(enc["input_ids"]) >= max_length  # only then can it have been cut: measure the whole input
+    full = len(tokenizer(record["text"], record.get("text_pair"))["input_ids"]) if at_cap else 0
+    return {"input_ids": enc["input_ids"], "label": record["label"], "prompt_length": len(enc["input_ids"]),
+            "truncated": full > max_length}
 
 
 def collate_classification(examples: list[dict], pad_id: int, regression: bool = False) -> dict:

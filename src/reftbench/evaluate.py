@@ -39,6 +39,16 @@ def evaluate(model, tokenizer, task, records, batch_size, method=None, desc="eva
                        batch_size, method=method, desc=desc, **task.generation)
     result = score(task, records, outputs)
     if task.eval_tasks:  # one run, several test sets (commonsense, math): a score for each
-        from .tasks import accuracy_by_eval_task
-        result["by_task"] = accuracy_by_eval_task(task, records, outputs)
+        result.update(by_sets(task, records, outputs))
     return result, outputs
+
+
+def by_sets(task, records, outputs) -> dict:
+    """Per-set accuracies and their plain mean, the paper's Avg column (the macro-average), as the
+    headline `accuracy`; the micro-average over all examples (dominated by the largest set,
+    HellaSwag's 10k of commonsense's 22k) stays beside it as `micro_accuracy`."""
+    from .tasks import accuracy_by_eval_task
+    sets = accuracy_by_eval_task(task, records, outputs)
+    micro = sum(v["accuracy"] * v["n"] for v in sets.values()) / max(1, sum(v["n"] for v in sets.values()))
+    macro = sum(v["accuracy"] for v in sets.values()) / max(1, len(sets))
+    return {"by_task": sets, "accuracy": macro, "micro_accuracy": micro, "average": "macro"}

@@ -228,7 +228,7 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
         except OSError as e:
             raise ReftbenchError(
                 f"could not load model {cfg.hub_id!r} ({str(e).splitlines()[0][:120]}); offline, "
-                f"download it once elsewhere and pass model.path=/path/to/local/dir"
+                f"download it once elsewhere and pass model.path=/path/to/local/dir (HF_HUB_OFFLINE=1 skips the retries)"
             ) from None
     else:
         raise ConfigError(f"model.source={source!r} is unknown: use gguf_package, package, random or hub")

@@ -6,6 +6,8 @@ prompt; evaluation generates and applies the task's answer check.
 the method's parameters); evaluation predicts labels and computes the task's GLUE metric.
 The runner picks one by `task.kind` and otherwise treats them alike.
 """
+import logging
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -14,6 +16,8 @@ from .data import collate_classification, collate_train, encode_example, encode_
 from .methods.base import active
 from .evaluate import evaluate as evaluate_generation
 from .train import answer_loss
+
+log = logging.getLogger("reftbench")
 
 
 @torch.no_grad()
@@ -30,16 +34,34 @@ def mean_loss(objective, model, examples, batch_size, method=None) -> float:
     return total / n
 
 
+def count_lengths(examples: list[dict], n_records: int, max_length: int, stats: dict | None) -> list[dict]:
+    """Say how many training examples did not fit max_length: a silent cut changes what is learnt."""
+    dropped, truncated = n_records - len(examples), sum(bool(e.get("truncated")) for e in examples)
+    if stats is not None:
+        stats.update(train_records=n_records, train_dropped_too_long=dropped, train_truncated=truncated,
+                     max_length=max_length)
+        if dropped or truncated:
+            log.warning("trainer.max_length=%d: %d of %d training examples dropped (the prompt alone fills it), "
+                        "%d truncated", max_length, dropped, n_records, truncated)
+    return examples
+
+
 class Generation:
     model_kind = "decoder"
-    frozen_baseline = True  # the untouched model can answer: score it on the same examples
 
     def __init__(self, task, tokenizer, max_length: int):
         self.task, self.tok, self.max_length = task, tokenizer, max_length
+        # The untouched model can answer: score it on the same examples, unless a judge scores the
+        # answers offline (AlpacaEval), where a frozen pass would cost a full generation for no number.
+        self.frozen_baseline = not task.judged_offline
 
-    def encode(self, records):
-        return [e for r in records
+    def encode(self, records, stats: dict | None = None):
+        """Training examples. One longer than max_length is truncated (as pyreft does); one whose
+        prompt alone fills max_length has no answer token left to learn and is dropped. `stats`
+        receives both counts."""
+        kept = [e for r in records
                 if (e := encode_example(self.tok, self.task.prompt(r), self.task.target_text(r), self.max_length))]
+        return count_lengths(kept, len(records), self.max_length, stats)
 
     def collate(self, examples):
         return collate_train(examples, self.tok.pad_token_id)
@@ -69,8 +91,10 @@ class Classification:
         self.task, self.tok, self.max_length = task, tokenizer, max_length
         self.regression = task.num_labels == 1
 
-    def encode(self, records):
-        return [encode_pair(self.tok, r, self.max_length) for r in records]
+    def encode(self, records, stats: dict | None = None):
+        """Inputs longer than max_length are truncated (none is dropped); `stats` receives the count."""
+        return count_lengths([encode_pair(self.tok, r, self.max_length) for r in records], len(records),
+                             self.max_length, stats)
 
     def collate(self, examples):
         return collate_classification(examples, self.tok.pad_token_id, regression=self.regression)

@@ -1,6 +1,7 @@
 """One run, top to bottom: config → model → method → task data → train → evaluate → record."""
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -103,7 +104,8 @@ def _run(cfg, out_dir: Path) -> dict:
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
-    train_set, test_records, select = objective.encode(splits["train"]), splits["test"], splits.get("select")
+    data_stats = {"files": task.loaded_files}  # which files; how many examples max_length cut or dropped
+    train_set, test_records, select = objective.encode(splits["train"], data_stats), splits["test"], splits.get("select")
     heldout, train_set = train_set[:task.heldout], train_set[task.heldout:]
     if not train_set:
         raise ConfigError(f"no training example of task={task.name} fits trainer.max_length={cfg.trainer.max_length}")
@@ -159,6 +161,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "params": params,
         "method_report": method.report(),
         "train": stats,
+        "data": data_stats,
         "wall_seconds": time.time() - t0,
         "memory": None,  # filled in by run() once the whole run is measured
         "samples": [objective.sample(r, o) for r, o in list(zip(test_records, outputs))[:5]],
@@ -182,14 +185,18 @@ class _Selection:
     def __init__(self, objective, model, method, head, records, batch_size):
         self.objective, self.model, self.method, self.head = objective, model, method, head
         self.records, self.batch_size = records, batch_size
-        self.best, self.best_epoch, self.state = float("-inf"), None, None
+        self.best, self.best_epoch, self.state = None, None, None
 
     def __call__(self, epoch):
         metrics, _ = self.objective.evaluate(self.model, self.records, self.batch_size, method=self.method,
                                              desc=f"select {epoch}")
         log.info("epoch %d: selection %s", epoch, _score_text(metrics))
-        if metrics["score"] > self.best:
-            self.best, self.best_epoch = metrics["score"], epoch
+        # A NaN score (Pearson of a constant STS-B prediction) ranks below every number; when every
+        # epoch is NaN the first is kept, as HF's Trainer keeps its first best metric.
+        score = metrics["score"]
+        score = None if score is None or math.isnan(score) else float(score)
+        if self.state is None or (score is not None and (self.best is None or score > self.best)):
+            self.best, self.best_epoch = score, epoch
             self.state = ({k: v.detach().clone() for k, v in self.method.state_dict().items()},
                           [p.detach().clone() for p in self.head])
 

@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+from ..tasks.loaders import matches
+
 PAPER_FILE = files("reftbench") / "report" / "reft_paper.csv"
 NO_TABLE = "results"  # runs that belong to no table (no `table` in their config)
 # Overrides that leave a paper row's setting as it was: which of its test sets to score (`task`: every
 # task of a table trains on the table's data, GLUE rows keep per-task settings), where the data and model
-# files are, the seed, the device, and what is saved or logged.
-NEUTRAL = ("experiment", "task", "seed", "task.data_dir", "task.files.", "model.path", "device", "eval_batch_size",
+# files are, the seed, the device, and what is saved or logged. A data file named with `task.files.<role>`
+# is neutral only when it is the paper's file (its checksum in the task config matches the file read);
+# any file whose role has a checksum must match it, wherever task.data_dir points.
+NEUTRAL = ("experiment", "task", "seed", "task.data_dir", "model.path", "device", "eval_batch_size",
            "save_intervention", "eval_frozen", "wandb.", "resume", "hydra.", "table")
 GAP = "–"
 METHOD_ORDER = ["none", "loreft", "direft", "noreft", "red", "lora", "dora", "bitfit", "full"]
@@ -100,10 +104,18 @@ def paper_row(record: dict) -> str | None:
     cfg = record.get("config") or {}
     if not cfg.get("row") or not cfg.get("table"):
         return None
+    checksums = (cfg.get("task") or {}).get("checksums") or {}
+    read = (record.get("data") or {}).get("files") or {}
     for o in record.get("overrides") or []:
         key = o.split("=", 1)[0].lstrip("+~")
-        if not any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL):
+        if key.startswith("task.files."):
+            role = key[len("task.files."):]
+            if not (role in checksums and role in read):  # another file, or one nobody can check
+                return None
+        elif not any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL):
             return None
+    if any(role in checksums and not matches(checksums[role], files) for role, files in read.items()):
+        return None
     return cfg["row"]
 
 

@@ -35,6 +35,15 @@ class Task:
     eval_limit: int | None = None
     heldout: int = 0  # training examples kept aside to report the answer loss on (open-ended tasks)
     options: dict = field(default_factory=dict)  # source-specific settings
+    # role -> "git-sha1:<hex>" or "sha256:<hex>" of the paper's file: a run on other data is not the paper's row
+    checksums: dict = field(default_factory=dict)
+    # filled by the loader: role -> [{path, bytes, sha256, git_sha1}] of each local file read
+    loaded_files: dict = field(default_factory=dict, init=False)
+
+    @property
+    def judged_offline(self) -> bool:
+        """Its answers are scored by an external judge (AlpacaEval), so a run has no score of its own."""
+        return self.metric == "alpaca_eval"
 
     def prompt(self, record: dict) -> str:
         self._need_generation()
@@ -89,7 +98,7 @@ class Task:
         return tuple(sorted(used))
 
 
-_FIELDS = {f.name for f in fields(Task)}
+_FIELDS = {f.name for f in fields(Task) if f.init}
 
 
 def build(cfg) -> Task:
@@ -119,7 +128,7 @@ def build(cfg) -> Task:
     for k in ("train_limit", "eval_limit"):
         if data.get(k) is not None and int(data[k]) < 1:
             raise ConfigError(f"task.{k}={data[k]} must be a positive number of examples (or null for all)")
-    for k in ("generation", "answer_args", "files", "hub"):  # plain dicts, not OmegaConf nodes
+    for k in ("generation", "answer_args", "files", "hub", "checksums"):  # plain dicts, not OmegaConf nodes
         data[k] = _plain(data.get(k) or {})
     data["eval_tasks"] = list(data.get("eval_tasks") or [])
     return Task(options=_plain(options), **data)

@@ -71,6 +71,24 @@ def read_tsv(path: Path, header: list[str] | None = None) -> list[dict]:
     return out
 
 
+def fingerprint(path: Path) -> dict:
+    """A data file's identity: sha256 of its bytes and its git blob id (`git hash-object`), the two
+    forms in which the paper's files are published (a git tree, a Git LFS pointer)."""
+    import hashlib
+    data = path.read_bytes()
+    blob = hashlib.sha1(b"blob %d\0" % len(data))
+    blob.update(data)
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "git_sha1": blob.hexdigest()}
+
+
+def matches(checksum: str, files: list[dict]) -> bool:
+    """Whether one file read for a role is the file `checksum` ("git-sha1:<hex>" / "sha256:<hex>") names."""
+    kind, _, value = str(checksum).partition(":")
+    key = {"git-sha1": "git_sha1", "sha256": "sha256"}.get(kind)
+    return key is not None and len(files) == 1 and files[0].get(key) == value.lower()
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -89,7 +107,10 @@ def _role(task, role: str, read) -> list[dict]:
         spec = task.files.get(role)
         if not spec:
             raise ReftbenchError(f"task={task.name} names no local file for its {role} data: set task.files.{role}=")
-        return [r for p in ([spec] if isinstance(spec, str) else spec) for r in read(root / p)]
+        paths = [root / p for p in ([spec] if isinstance(spec, str) else spec)]
+        records = [r for p in paths for r in read(p)]
+        task.loaded_files[role] = [fingerprint(p) for p in paths]  # which data made the number
+        return records
     if role not in task.hub:
         raise ReftbenchError(f"task={task.name} reads local files: set task.data_dir=/path/to/folder "
                              f"(holding {task.files.get(role, 'its files')})")
