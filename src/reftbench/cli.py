@@ -1,19 +1,27 @@
 """`reftbench`: a Hydra 1.3 app. Bad input ends in one line on stderr and exit code 2."""
+import json
 import logging
 import re
 import os
+import socket
 import sys
+import time
+import traceback
+import uuid
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ReftbenchError
 
-_FAILED: list[str] = []  # multirun jobs that stopped on bad input
+_FAILED: list[str] = []  # the sweep's failed jobs, read back from their failed.json files
+FAILED_FILE = "failed.json"  # in a job's folder: why it stopped
+LAUNCH_FILE = ".reftbench_launch.json"  # in the sweep folder: which launch a failed.json belongs to
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the package (conf/ at the repo root links here)
 
 
@@ -21,23 +29,97 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the packa
 def _app(cfg: DictConfig) -> None:
     from .run import finished, plan, plan_line, run, summary  # heavy imports after Hydra parsed the command
     hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    reason = None
     try:
         if cfg.dry_run:
             print(plan_line(plan(cfg)))
             return
-        done = finished(cfg, Path(hc.runtime.output_dir))
+        done = finished(cfg, out_dir)
         if done:
+            (out_dir / FAILED_FILE).unlink(missing_ok=True)
             print(f"skipped, already done: {summary(done)}")
             return
-        record = run(cfg, Path(hc.runtime.output_dir), overrides=list(hc.overrides.task))
+        record = run(cfg, out_dir, overrides=list(hc.overrides.task))
     except (ReftbenchError, OmegaConfBaseException) as e:  # the latter: an interpolation that cannot resolve
         print(f"reftbench: error: {_one_line(str(e))}", file=sys.stderr)
-        if hc.mode == RunMode.MULTIRUN:  # one job that can't run (bitfit on a model without biases)
-            _FAILED.append(" ".join(hc.overrides.task))  # leaves a gap in the sweep, not its end
-            return
-        sys.exit(2)
+        if not sweep:
+            sys.exit(2)
+        reason = _record_failure(e, hc, _one_line(str(e)))  # bitfit on a model without biases: a gap, not the end
+    except Exception as e:  # out of memory, a bug: in a sweep the next job must still run
+        if not sweep:
+            raise
+        reason = _record_failure(e, hc, f"{type(e).__name__}: {_one_line(str(e))[:300]}")
+        print(f"reftbench: error: {reason}", file=sys.stderr)
+    if reason is not None:
+        # The exception and its frames (this job's model, optimiser, CUDA tensors) are gone now that the
+        # except clause has ended; collect what cycles kept, so the next job starts with the memory free.
+        from .record import release_freed_memory
+        release_freed_memory()
+        return
+    (out_dir / FAILED_FILE).unlink(missing_ok=True)  # a failure of an earlier launch is history now
     print(summary(record))
-    print(f"result: {Path(hc.runtime.output_dir) / 'result.json'}")
+    print(f"result: {out_dir / 'result.json'}")
+
+
+def _record_failure(exc: BaseException, hc, reason: str) -> str:
+    """Write the job's failed.json and drop the exception's hold on the job's objects. Hydra would
+    keep the exception (and through its traceback the model) alive until the sweep ends."""
+    from .record import write_json_atomic
+    traceback.clear_frames(exc.__traceback__)
+    exc.__traceback__ = None
+    launch = Path(hc.sweep.dir) / LAUNCH_FILE
+    try:
+        launch_id = json.loads(launch.read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        launch_id = None
+    write_json_atomic(Path(hc.runtime.output_dir) / FAILED_FILE, {
+        "reason": reason, "error": type(exc).__name__, "overrides": list(hc.overrides.task),
+        "launch": launch_id, "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return reason
+
+
+class SweepSummary(Callback):
+    """Registered in config.yaml (hydra.callbacks). Marks each launch in the sweep folder and, when
+    the sweep ends, collects the failed.json files its jobs wrote there: the summary holds whichever
+    process or machine (joblib, submitit, SLURM) ran them."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from .record import write_json_atomic
+        write_json_atomic(Path(config.hydra.sweep.dir) / LAUNCH_FILE, {"id": uuid.uuid4().hex, "started": time.time()})
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        _FAILED[:] = failed_jobs(Path(config.hydra.sweep.dir), swept_keys(list(config.hydra.overrides.task)))
+
+
+def swept_keys(overrides: list[str]) -> set[str] | None:
+    """The keys a command line sweeps over (`seed=1,2`, `experiment=glob(...)`): what tells its jobs apart."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # the summary then names every override of a job
+        return None
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def failed_jobs(sweep_dir: Path, keys: set[str] | None = None) -> list[str]:
+    """'overrides (reason)' for each job of the sweep folder's latest launch that wrote a failed.json;
+    of the overrides, those of `keys` only when given."""
+    try:
+        launch_id = json.loads((sweep_dir / LAUNCH_FILE).read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        launch_id = None
+    out = []
+    for path in sorted(sweep_dir.rglob(FAILED_FILE)):
+        try:
+            failure = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if failure.get("launch") == launch_id:
+            shown = [o for o in failure["overrides"] if keys is None or o.split("=")[0].lstrip("+~") in keys]
+            out.append(f"{' '.join(shown) or path.parent.name} ({failure['reason']})")
+    return out
 
 
 def quote_semicolons(args: list[str]) -> list[str]:
@@ -89,8 +171,19 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def local_dry_run(args: list[str]) -> list[str]:
+    """A dry run plans, it never submits: drop the launcher choice so the plan prints here."""
+    if not any(re.fullmatch(r"\+*dry_run=(true|True|1)", a) for a in args):
+        return args
+    kept = [a for a in args if not re.match(r"\+*hydra(/launcher=|\.launcher\.)", a)]
+    if len(kept) < len(args):
+        print("reftbench: dry run: planning here, not through the launcher", file=sys.stderr)
+    return kept
+
+
 def main() -> None:
-    sys.argv[1:] = quote_semicolons(sys.argv[1:])
+    sys.argv[1:] = local_dry_run(quote_semicolons(sys.argv[1:]))
+    _FAILED.clear()
     error = precheck([a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")])
     if error:
         print(f"reftbench: error: {error}", file=sys.stderr)
@@ -101,8 +194,8 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     _app()
     if _FAILED:
-        print(f"reftbench: error: {len(_FAILED)} job(s) of the sweep could not run: " + "; ".join(_FAILED),
-              file=sys.stderr)
+        print(f"reftbench: error: {len(_FAILED)} job(s) of the sweep could not run: " + "; ".join(_FAILED)
+              + f" (each job's {FAILED_FILE} says why)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -46,6 +46,8 @@ def release_freed_memory() -> None:
     import ctypes
     import gc
     gc.collect()
+    if torch.cuda.is_initialized():  # blocks cached by PyTorch's allocator go back to the driver
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -74,6 +76,7 @@ class PeakRSS:
 
     def __enter__(self):
         release_freed_memory()
+        reset_cuda_peak()
         self.peak = self.current()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -85,10 +88,19 @@ class PeakRSS:
         self.peak = max(self.peak, self.current())
 
 
+def reset_cuda_peak() -> None:
+    """Start CUDA's peak counters from now: in a multirun every job measures its own peak, not the
+    largest of the jobs before it in the same process."""
+    if torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
 def peak_memory(device: torch.device, rss: PeakRSS) -> dict:
     out = {"cpu_peak_rss_gib": rss.peak / 2**30}
     if device.type == "cuda":
         out["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["cuda_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     return out
 
 

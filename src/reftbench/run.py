@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import checkpoint, methods, models, precision, tasks
+from . import cache, checkpoint, methods, models, precision, tasks
 from .errors import ConfigError
 from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
@@ -105,17 +105,19 @@ def _run(cfg, out_dir: Path) -> dict:
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
     data_stats = {"files": task.loaded_files}  # which files; how many examples max_length cut or dropped
-    train_set, test_records, select = objective.encode(splits["train"], data_stats), splits["test"], splits.get("select")
+    train_set, tokens_from = cache.tokenised(cfg, objective, splits["train"], data_stats)  # tokenised once: cache.py
+    test_records, select = splits["test"], splits.get("select")
     heldout, train_set = train_set[:task.heldout], train_set[task.heldout:]
     if not train_set:
         raise ConfigError(f"no training example of task={task.name} fits trainer.max_length={cfg.trainer.max_length}")
     log.info("task %s: %d train / %d test examples%s", task.name, len(train_set), len(test_records),
              f" / {len(select)} for model selection" if select else "")
 
-    metrics = {}
-    if cfg.eval_frozen and objective.frozen_baseline:
-        metrics["frozen"], _ = objective.evaluate(model, test_records, cfg.eval_batch_size, desc="eval frozen")
-        log.info("frozen model: %s", _score_text(metrics["frozen"]))
+    metrics, frozen_from = {}, None
+    if cfg.eval_frozen and objective.frozen_baseline:  # once per model and test set: cache.py
+        metrics["frozen"], frozen_from = cache.frozen_score(cfg, model, objective, test_records, lambda: objective.evaluate(
+            model, test_records, cfg.eval_batch_size, desc="eval frozen")[0])
+        log.info("frozen model: %s (%s)", _score_text(metrics["frozen"]), frozen_from["from"])
     if heldout:  # open-ended tasks: the answer loss on held-out training examples, computed offline
         metrics.setdefault("frozen", {})["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size)
 
@@ -164,6 +166,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "data": data_stats,
         "wall_seconds": time.time() - t0,
         "memory": None,  # filled in by run() once the whole run is measured
+        "cache": {"frozen_score": frozen_from, "train_tokens": tokens_from},  # computed here, or read from a file
         "samples": [objective.sample(r, o) for r, o in list(zip(test_records, outputs))[:5]],
         "config": OmegaConf.to_container(cfg, resolve=True),
         "overrides": None,
