@@ -55,6 +55,8 @@ def test_wheel_ships_the_configs_and_starts_outside_the_checkout(venv):
     res = _run([env / "bin" / "reftbench", "intervention.rnak=3"], outside)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "intervention.rnak is not an option" in res.stderr
+    res = _run([env / "bin" / "reftbench-export", outside / "no-run", "--out", outside / "x"], outside)
+    assert res.returncode == 2 and "is not a folder" in res.stderr and "Traceback" not in res.stderr
 
 
 def _user_folder(tmp: Path) -> Path:
