@@ -100,7 +100,7 @@ def frozen_key(cfg, model, objective, records) -> dict:
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     for k in ("train_limit", "heldout"):  # training-only settings
         task_cfg.pop(k, None)
-    device = torch.device(cfg.device)
+    device = next(model.parameters()).device  # where it ran (device=auto resolved), not what was asked
     return {"model": model_cfg, "weights": weights_fingerprint(model), "tokenizer": tokenizer_fingerprint(objective.tok),
             "task": task_cfg, "objective": type(objective).__name__, "test_set": digest(records),
             "eval_batch_size": int(cfg.eval_batch_size),  # padding differs with the batch: numerics can too
