@@ -95,6 +95,8 @@ def main() -> None:
     if error:
         print(f"reftbench: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) > 0:  # a distributed run's other processes: no folder, log or config
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]  # of their own
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -88,7 +88,8 @@ def make_accelerator(policy: str, device: str = "auto"):
     # keeps its precision process-wide, so forget it (the process group, in PartialState, stays).
     AcceleratorState._reset_state()
     # the loop calls no_sync itself and steps its scheduler once per optimiser step
-    return Accelerator(cpu=device == "cpu", mixed_precision=precision.ACCELERATE[policy],
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())  # (a CPU-only DDP run needs it)
+    return Accelerator(cpu=cpu, mixed_precision=precision.ACCELERATE[policy],
                        step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
