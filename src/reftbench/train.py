@@ -179,8 +179,12 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
     if not params:  # nothing to train (intervention=none on a generation task): the frozen model
         return {"steps": 0, "epochs": 0, "train_seconds": 0.0, "final_loss": None, **stats}
 
-    if ckpt_grad:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ckpt_grad:  # non-reentrant: works with frozen inputs and under DDP
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step_module = Step(model, method, loss_fn)
     prepared = acc.prepare(step_module)
     ids = {id(p) for p in own}
@@ -252,7 +256,7 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
     saver.close()
     set_mode(model, method, False)
     if ckpt_grad:
-        model.gradient_checkpointing_disable()
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": time.time() - t0,
             "final_loss": sum(tail) / len(tail) if tail else None, **stats}
