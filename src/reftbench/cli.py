@@ -95,8 +95,10 @@ def main() -> None:
     if error:
         print(f"reftbench: error: {error}", file=sys.stderr)
         sys.exit(2)
-    if int(os.environ.get("RANK", "0")) > 0:  # a distributed run's other processes: no folder, log or config
-        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]  # of their own
+    if int(os.environ.get("RANK", "0")) > 0:  # a distributed run's other processes: no folder, log or config of
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]  # their own; run() takes the first
+        if not any(a.startswith("hydra.run.dir=") for a in sys.argv):  # process's folder (`${now:}` may differ)
+            sys.argv.append("hydra.run.dir=.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
