@@ -89,6 +89,8 @@ def make_accelerator(policy: str, device: str = "auto"):
     AcceleratorState._reset_state()
     # the loop calls no_sync itself and steps its scheduler once per optimiser step
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())  # (a CPU-only DDP run needs it)
+    if cpu and policy == "fp16-mixed":
+        raise ConfigError("trainer.precision=fp16-mixed needs a GPU (loss scaling): use bf16-mixed on the CPU")
     return Accelerator(cpu=cpu, mixed_precision=precision.ACCELERATE[policy],
                        step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
@@ -254,6 +256,7 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
         saver.save(state)
     bar.close()
     saver.close()
+    acc.free_memory()  # the accelerator lets go of the wrapped model and optimiser (a sweep's next run)
     set_mode(model, method, False)
     if ckpt_grad:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
