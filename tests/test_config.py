@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from reftbench import methods, tasks
 from reftbench.methods.base import _config_from
+from reftbench.train import effective_lr
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -28,7 +29,8 @@ def test_every_option_composes():
             cfg = compose("config", overrides=[f"task={task}"])
             assert tasks.build(cfg.task).name == task
         for trainer in options("trainer"):
-            assert compose("config", overrides=[f"trainer={trainer}"]).trainer.lr > 0
+            cfg = compose("config", overrides=[f"trainer={trainer}"])
+            assert effective_lr(cfg.trainer, cfg.intervention) > 0
         for experiment in options("experiment"):
             cfg = compose("config", overrides=[f"experiment={experiment}"])
             tasks.build(cfg.task)

@@ -134,3 +134,11 @@ def test_a_float16_model_is_refused_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="fp16-mixed"):
         run(cfg, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_fp16_mixed_on_the_cpu_is_one_line():
+    from reftbench.train import make_accelerator
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ConfigError, match="fp16-mixed needs a GPU"):
+        make_accelerator("fp16-mixed", "auto")

@@ -242,3 +242,47 @@ def test_step_wraps_model_and_method():
     s = Step(llama.model, m, None)
     trainable = {id(p) for p in s.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in m.trainable_parameters()}
+
+
+# ---- gradient checkpointing, with interventions ----
+
+def _first_step_grads(name, checkpointing, base_dropout, monkeypatch):
+    """The gradient of the first optimiser step, and how often layer 0's attention ran (twice with
+    checkpointing: its layer is recomputed during backward)."""
+    grads = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **kw):
+        grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    llama = tiny_llama(layers=2)
+    tok = llama.tokenizer
+    torch.manual_seed(0)
+    m = methods.build(method_cfg(rank=2) if name == "loreft" else {"name": "lora", "rank": 2, "dropout": 0.0},
+                      llama.model)
+    if name == "lora":  # B = 0 would give A no gradient: move B first
+        with torch.no_grad():
+            for p in m.trainable_parameters():
+                p.add_(1e-2)
+    runs = [0]
+    llama.model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
+    train(llama.model, m, examples(tok, 4), trainer_cfg(batch_size=4, max_steps=1, gradient_checkpointing=checkpointing,
+                                                        base_dropout=base_dropout),
+          lambda b: collate_train(b, tok.pad_token_id))
+    monkeypatch.undo()
+    assert not any(getattr(x, "gradient_checkpointing", False) for x in llama.model.modules())  # off again
+    return grads[0], runs[0]
+
+
+@pytest.mark.parametrize("name,base_dropout", [("loreft", True), ("loreft", False), ("lora", True)])
+def test_gradient_checkpointing_gives_the_same_gradients(name, base_dropout, monkeypatch):
+    """The loop keeps the method's context open across backward, so a layer recomputed during backward
+    intervenes at the batch's positions again. (transformers 5.24 checkpoints a layer's forward and
+    leaves the layer's own hooks, ReFT's block-output hook, outside the recompute; hooks inside a layer,
+    RED's and LoRA's layers, are recomputed.)"""
+    plain, once = _first_step_grads(name, False, base_dropout, monkeypatch)
+    recomputed, twice = _first_step_grads(name, True, base_dropout, monkeypatch)
+    assert (once, twice) == (1, 2)  # checkpointing really recomputed the layer (eval-mode base included)
+    assert torch.allclose(plain, recomputed, atol=1e-6, rtol=1e-5)

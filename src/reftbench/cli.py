@@ -218,6 +218,10 @@ def main() -> None:
     if error:
         print(f"reftbench: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) > 0:  # a distributed run's other processes: no folder, log or config of
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]  # their own; run() takes the first
+        if not any(a.startswith("hydra.run.dir=") for a in sys.argv):  # process's folder (`${now:}` may differ)
+            sys.argv.append("hydra.run.dir=.")
     # HF_HUB_OFFLINE is the user's: online where there is a network (hub models, data URLs); without
     # one, HF_HUB_OFFLINE=1 skips the hub's retries and an unloadable model is still one line.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -88,7 +88,10 @@ def make_accelerator(policy: str, device: str = "auto"):
     # keeps its precision process-wide, so forget it (the process group, in PartialState, stays).
     AcceleratorState._reset_state()
     # the loop calls no_sync itself and steps its scheduler once per optimiser step
-    return Accelerator(cpu=device == "cpu", mixed_precision=precision.ACCELERATE[policy],
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())  # (a CPU-only DDP run needs it)
+    if cpu and policy == "fp16-mixed":
+        raise ConfigError("trainer.precision=fp16-mixed needs a GPU (loss scaling): use bf16-mixed on the CPU")
+    return Accelerator(cpu=cpu, mixed_precision=precision.ACCELERATE[policy],
                        step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
@@ -178,8 +181,12 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
     if not params:  # nothing to train (intervention=none on a generation task): the frozen model
         return {"steps": 0, "epochs": 0, "train_seconds": 0.0, "final_loss": None, **stats}
 
-    if ckpt_grad:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ckpt_grad:  # non-reentrant: works with frozen inputs and under DDP
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step_module = Step(model, method, loss_fn)
     prepared = acc.prepare(step_module)
     ids = {id(p) for p in own}
@@ -249,9 +256,10 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
         saver.save(state)
     bar.close()
     saver.close()
+    acc.free_memory()  # the accelerator lets go of the wrapped model and optimiser (a sweep's next run)
     set_mode(model, method, False)
     if ckpt_grad:
-        model.gradient_checkpointing_disable()
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": time.time() - t0,
             "final_loss": sum(tail) / len(tail) if tail else None, **stats}

@@ -1,0 +1,93 @@
+"""Kill a run with SIGKILL, start it again in the same folder: it resumes from its last checkpoint and
+ends with the same weights and metrics as a run never interrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from reftbench import checkpoint
+from reftbench.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT / "tests" / "fixtures" / "glue" / "SST-2"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+# GLUE-style, with everything a resume must restore: the base model's dropout (RNG states), LoReFT's own
+# dropout, grad accumulation 2 over 4 micro-batches an epoch (position in the data), a warm-up and decay
+# (scheduler), AdamW (optimiser state), model selection (its best state so far) and the head.
+OVERRIDES = ["model=tiny-random-bert", "task=sst2", f"task.data_dir={GLUE}", "trainer.epochs=3",
+             "trainer.batch_size=1", "trainer.grad_accum=2", "trainer.lr=1e-2", "trainer.warmup_ratio=0.2",
+             "trainer.save_every=1", "intervention.positions=f1", "intervention.rank=2", "intervention.dropout=0.1",
+             "eval_frozen=false"]
+
+
+def cfg(*extra):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=OVERRIDES + list(extra))
+
+
+def killed(out_dir, kill_at, when):
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "killed_run.py"), str(out_dir), str(kill_at),
+                          when, *OVERRIDES], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert not (out_dir / "result.json").exists()
+
+
+def weights(out_dir):
+    return {**load_file(str(out_dir / "intervention" / "weights.safetensors")),
+            **load_file(str(out_dir / "intervention" / "head.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return run(cfg(), out), weights(out)
+
+
+@pytest.mark.parametrize("kill_at,when,resumed_from", [(3, "after", 3), (4, "during", 3)])
+def test_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, kill_at, when, resumed_from):
+    """Step 3 is mid-epoch (epoch 2's first step); a kill while step 4's checkpoint (the end of epoch 2)
+    is written leaves it incomplete, so the run resumes from step 3's."""
+    record, expected = uninterrupted
+    assert record["train"]["steps"] == 6 and record["train"]["resumed_from_step"] is None
+    killed(tmp_path, kill_at, when)
+    assert checkpoint.latest(tmp_path / "checkpoints").name == f"step-{resumed_from:09d}"
+    if when == "during":
+        assert (tmp_path / "checkpoints" / "incomplete").is_dir()  # half-written, and not taken for a checkpoint
+    again = run(cfg(), tmp_path)  # the same command in the same folder
+    assert again["train"]["resumed_from_step"] == resumed_from
+    assert again["metrics"] == record["metrics"]
+    assert (again["train"]["best_epoch"], again["train"]["selection_score"]) == \
+        (record["train"]["best_epoch"], record["train"]["selection_score"])
+    assert again["train"]["final_loss"] == pytest.approx(record["train"]["final_loss"], abs=1e-6)
+    got = weights(tmp_path)
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.allclose(got[k], expected[k], atol=1e-6), k
+    assert json.loads((tmp_path / "result.json").read_text())["train"]["resumed_from_step"] == resumed_from
+    assert not (tmp_path / "checkpoints").exists()  # removed once the run finished
+
+
+def test_checkpoints_kept_on_request_and_another_config_starts_afresh(tmp_path):
+    first = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=2"), tmp_path)
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000002"
+    assert first["train"]["resumed_from_step"] is None
+    (tmp_path / "result.json").unlink()
+    again = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=3"), tmp_path)  # another config
+    assert again["train"]["resumed_from_step"] is None and again["train"]["steps"] == 3
+    no_resume = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=3", "resume=false"), tmp_path)
+    assert no_resume["train"]["resumed_from_step"] is None
+
+
+def test_no_checkpoints_when_switched_off(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(checkpoint.Saver, "save", lambda self, state: saved.append(self.root))
+    run(cfg("trainer.checkpoints=false", "trainer.max_steps=2"), tmp_path)
+    assert saved and set(saved) == {None}

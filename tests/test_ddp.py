@@ -1,0 +1,81 @@
+"""Two processes (DDP, gloo on the CPU) train as one process does with the same global batch, and
+write one run folder with one result.json."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT / "tests" / "fixtures" / "glue" / "SST-2"
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+pytestmark = pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate CLI missing")
+
+
+def launch(args, cwd, port, timeout=300):
+    # --multi_gpu is accelerate's torchrun launcher (its --cpu runs one process); without a GPU the
+    # loop's Accelerator takes the CPU and the gloo backend
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *args]
+    res = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+# A GLUE-style run: its loss is a mean over examples, so the mean of the two processes' means over
+# their halves of each global batch is the one-process mean (4 examples, batches of 2: one each).
+# base_dropout off: each process draws its own dropout masks, which one process cannot reproduce.
+OVERRIDES = ["model=tiny-random-bert", "task=sst2", f"task.data_dir={GLUE}", "trainer.epochs=2",
+             "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.lr=1e-2", "intervention.positions=f1",
+             "intervention.rank=2", "trainer.base_dropout=false", "eval_frozen=false", "device=auto"]
+
+
+def test_two_processes_train_like_one_and_write_one_result(tmp_path):
+    from reftbench.run import run
+    launch(["-m", "reftbench.cli", *OVERRIDES], tmp_path, 29611)
+    results = list(tmp_path.rglob("result.json"))
+    assert len(results) == 1  # one run folder: the other process took the first one's
+    run_dir = results[0].parent
+    assert [p for p in tmp_path.rglob(".hydra")] == [run_dir / ".hydra"]
+    assert not (run_dir / "checkpoints").exists()  # removed once the run finished
+    two = json.loads(results[0].read_text())
+    assert two["train"]["processes"] == 2 and two["train"]["steps"] == 4
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=OVERRIDES)
+    one = run(cfg, tmp_path / "one")
+    assert one["train"]["processes"] == 1 and one["train"]["steps"] == 4
+    a, b = (load_file(str(d / "intervention" / f)) for d in (run_dir, tmp_path / "one")
+            for f in ["weights.safetensors"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    ha, hb = (load_file(str(d / "intervention" / "head.safetensors")) for d in (run_dir, tmp_path / "one"))
+    for k in ha:
+        assert torch.allclose(ha[k], hb[k], atol=1e-5), k
+    assert two["metrics"] == one["metrics"] or two["metrics"]["trained"]["score"] == one["metrics"]["trained"]["score"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_every_method_trains_under_ddp_like_one_process(tmp_path, checkpointing):
+    sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+    import ddp_train
+    names = list(ddp_train.CASES)
+    extra = ["ckpt"] if checkpointing else []
+    launch([str(ROOT / "tests" / "helpers" / "ddp_train.py"), str(tmp_path / "two.safetensors"), ",".join(names),
+            *extra], tmp_path, 29621 + checkpointing, timeout=600)
+    ddp_train.run(tmp_path / "one.safetensors", names, checkpointing)
+    with safe_open(str(tmp_path / "two.safetensors"), "pt") as f:
+        assert f.metadata()["processes"] == "2"
+    two, one = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
+    assert {k.split(".")[0] for k in one} == set(names) and one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
