@@ -171,3 +171,13 @@ def test_qr_method_exports_its_R():
     a, m = _randomised("loreft", True, orthogonal_map="qr")
     iv = next(iter(m.interventions.values()))
     assert torch.equal(pyreft.to_pyreft("loreft", iv)["rotate_layer"], iv.R.detach().T)
+
+
+@needs_fixtures
+def test_positions_that_do_not_fit_the_saved_groups_are_one_line(fixture_model):
+    untied = next((n for n in SAVED if not _expected(n)["share_weights"]), None)
+    if untied is None:
+        pytest.skip("no untied pyreft folder in the fixtures")
+    with pytest.raises(ConfigError, match="do not fit") as e:
+        methods.load(FIXTURES / untied, fixture_model, positions="l3")  # one side: one group, not first/last
+    assert "\n" not in str(e.value)

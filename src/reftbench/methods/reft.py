@@ -1,10 +1,9 @@
 """ReFT methods: an intervention on chosen layers' outputs at chosen prompt positions.
 
 Native PyTorch forward hooks on each block (no pyvene): the hook gathers the selected positions,
-computes the low-rank edit on those K vectors only and scatter-adds it back, so the cost is
-O(K·r·d) per layer whatever the sequence length. As in pyreft (pyvene), the selected vectors are
-replaced by the intervention's output Φ(h), computed in the intervention's dtype and rounded once
-to the model's. Interventions act only on a forward pass that starts at position 0 (training,
+applies the intervention to those K vectors only and writes Φ(h) back in their place (as pyvene
+does for pyreft), so the cost is O(K·r·d) per layer whatever the sequence length. Φ(h) is computed
+in the intervention's dtype (fp32) and rounded once to the model's. Interventions act only on a forward pass that starts at position 0 (training,
 prefill, or generation recomputed without a cache); cached decode steps pass through untouched.
 The interventions and their pyreft names: see `reftbench.interventions`.
 """
