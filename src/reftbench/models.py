@@ -170,6 +170,47 @@ def _random(cfg, kind: str, dtype: torch.dtype, num_labels: int | None, seed: in
     return model, tok
 
 
+DEDICATED_PAD = "<|reftbench_pad|>"
+
+
+def set_padding(model: nn.Module, tok, kind: str) -> int:
+    """The one padding policy. A decoder pads with a token it never generates: with EOS as padding,
+    `repetition_penalty` (which penalises every id of a row, padding included) and
+    `no_repeat_ngram_size` would treat EOS differently on padded rows, so an answer would depend on
+    which prompts share its batch. SentencePiece's `<unk>` where the tokenizer has one (Llama,
+    Llama-2: what pyreft and LLM-Adapters pad with); otherwise (SmolLM2, whose `unk` is its
+    `<|endoftext|>`, Llama-3, with none) a dedicated token added for it, its embedding row zero. Either
+    way generation suppresses the pad id, so it can never be an output. An encoder keeps its own pad
+    (RoBERTa derives position ids from it)."""
+    if kind == "encoder":
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok.pad_token_id
+    ends = {tok.eos_token_id, tok.bos_token_id, *_ids(getattr(model.generation_config, "eos_token_id", None))}
+    if tok.unk_token == "<unk>" and tok.unk_token_id not in ends:
+        tok.pad_token = tok.unk_token
+    else:
+        tok.add_special_tokens({"pad_token": DEDICATED_PAD})
+        rows = model.get_input_embeddings().num_embeddings
+        if len(tok) > rows:
+            with torch.random.fork_rng():  # the new row is zeroed below: draw nothing from the run's RNG
+                model.resize_token_embeddings(len(tok), mean_resizing=False)
+            with torch.no_grad():
+                model.get_input_embeddings().weight[rows:] = 0
+                out = model.get_output_embeddings()
+                if out is not None:
+                    out.weight[rows:] = 0
+    pad = tok.pad_token_id
+    model.config.pad_token_id = pad
+    model.generation_config.pad_token_id = pad
+    model.generation_config.suppress_tokens = [pad]
+    return pad
+
+
+def _ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
 CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
@@ -236,8 +277,7 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
     if found != kind:
         raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
                           f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    set_padding(model, tok, kind)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
