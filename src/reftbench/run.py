@@ -88,7 +88,7 @@ def _run(cfg, out_dir: Path) -> dict:
     task = tasks.build(cfg.task)
     check_trainer(cfg.trainer)
     kind = OBJECTIVES[task.kind]
-    loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed))
+    loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed), device=device)
     model, tok = loaded.model.to(device), loaded.tokenizer
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     objective = kind(task, tok, cfg.trainer.max_length)
