@@ -12,6 +12,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """Greedy outputs for `prompts`, in order. Prompts are grouped by length to waste no
     padding; each sequence stops at EOS. `method=None` runs the model as it is (frozen)."""
     device = next(model.parameters()).device
+    settings = {"do_sample": False, "num_beams": 1, **gen_kwargs}  # greedy unless the task says (LLM-Adapters: 4 beams)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs = [None] * len(prompts)
@@ -20,9 +21,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         batch = to_device(collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id), device)
         with active(method, batch):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 **gen_kwargs)
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **settings)
         new = out[:, batch["input_ids"].shape[1]:]
         for i, row in zip(ids, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
