@@ -56,5 +56,6 @@ def test_weights_are_read_in_their_dtype_onto_their_device(tmp_path, monkeypatch
     loaded = models.load(tiny_cfg(path=str(tmp_path), dtype="bfloat16"), device="cuda:1")
     assert seen[-1]["dtype"] == torch.bfloat16 and seen[-1]["device_map"] == {"": torch.device("cuda:1")}
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    models.load(tiny_cfg(path=str(tmp_path), dtype="bfloat16"), device="cpu")
-    assert "device_map" not in seen[-1]
+    for device in ("cpu", "auto"):  # auto: the GPU where one is visible (none here)
+        models.load(tiny_cfg(path=str(tmp_path), dtype="bfloat16"), device=device)
+        assert "device_map" not in seen[-1]

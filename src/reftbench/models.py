@@ -276,6 +276,8 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
     land on `device` (a torch.device or its name; None: the CPU) in `model.dtype`."""
     dtype = _dtype(cfg.get("dtype", "float32"))
     attn = _attention(cfg)
+    if device == "auto":  # run.py resolves it first; a direct caller gets the same rule
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device) if device is not None else None
     source = cfg.source
     path = cfg.get("path")
