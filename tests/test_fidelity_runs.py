@@ -74,3 +74,25 @@ def test_training_examples_that_do_not_fit_are_counted_and_recorded(tmp_path, ca
     assert rec["data"]["train_dropped_too_long"] == dropped
     assert json.loads((tmp_path / "result.json").read_text())["data"] == rec["data"]
     assert any("dropped" in m for m in caplog.messages)
+
+
+def test_table3_trains_on_all_of_pyrefts_ultrafeedback_file(tmp_path):
+    """pyreft's train.json format ({instruction, input (optional), output: the chosen response}),
+    given by its absolute path; the table row holds nothing out, and the record names the file."""
+    train = FIX / "ultrafeedback" / "train.json"
+    records = json.loads(train.read_text())
+    cfg = compose_cfg("experiment=table3_loreft_llama2-7b", "model=tiny-random-llama", f"task.files.train={train}",
+                      f"task.files.test={FIX / 'alpaca_eval.json'}", "task.max_new_tokens=2", "trainer.max_steps=1",
+                      "trainer.grad_accum=1", "intervention.layers='0;3'", "save_intervention=false")
+    assert cfg.task.heldout == 0
+    rec = run(cfg, tmp_path, overrides=[f"task.files.train={train}"])
+    assert rec["data"]["train_records"] == len(records) == 4 and rec["data"]["train_dropped_too_long"] == 0
+    assert "heldout_loss" not in rec["metrics"]["trained"] and "frozen" not in rec["metrics"]
+    (used,) = rec["data"]["files"]["train"]
+    assert used["path"] == str(train) and len(used["sha256"]) == 64
+    # not pyreft's bytes: a variant in the report, not the paper's LoReFT row
+    from reftbench import report
+    rows = report.tables([rec])["table3"]
+    assert all(r["paper"] is None for r in rows if r["model"] == "tiny-random-llama")
+    task = tasks.build(cfg.task)
+    assert [task.prompt(r) for r in records][2].endswith("### Input:\nThe cat sleeps.\n\n### Response:\n")

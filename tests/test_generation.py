@@ -52,3 +52,13 @@ def test_interventions_run_once_per_layer_during_generation(setup, monkeypatch):
     assert len(out) >= 2  # there were decode steps after the prefill
     assert sorted(calls) == sorted(m.interventions.keys())
     assert m._index is None  # the context is closed after generation
+
+
+def test_beam_search_intervenes_on_every_beam(setup):
+    """LLM-Adapters' protocol decodes with 4 beams: each prompt's beams are rows of their own, and the
+    intervention must act on all of them, so batched beam search equals one prompt at a time."""
+    loaded, m = setup
+    batched = generate(loaded.model, loaded.tokenizer, PROMPTS, 6, batch_size=8, method=m, num_beams=4)
+    single = [generate(loaded.model, loaded.tokenizer, [p], 6, batch_size=1, method=m, num_beams=4)[0] for p in PROMPTS]
+    assert batched == single
+    assert batched != generate(loaded.model, loaded.tokenizer, PROMPTS, 6, batch_size=8, num_beams=4)

@@ -23,6 +23,18 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> dict
             "truncated": len(p) + len(t) > max_length}
 
 
+def encode_whole(tokenizer, text: str, prompt: str, max_length: int) -> dict:
+    """LLM-Adapters finetune.py tokenize(): the whole text tokenised at once and cut at max_length,
+    EOS appended when there is room; labels are the input ids (loss on prompt and answer). Never
+    dropped: a text cut short still trains on what is left."""
+    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id and len(ids) < max_length:
+        ids = ids + [tokenizer.eos_token_id]
+    full = len(tokenizer(text)["input_ids"]) if len(ids) >= max_length else 0
+    p = len(tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"])
+    return {"input_ids": ids, "labels": list(ids), "prompt_length": min(p, len(ids)), "truncated": full > max_length}
+
+
 def collate_train(examples: list[dict], pad_id: int) -> dict:
     """Right padding: every prompt starts at position 0."""
     width = max(len(e["input_ids"]) for e in examples)

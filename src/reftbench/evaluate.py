@@ -12,21 +12,30 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     """Greedy outputs for `prompts`, in order. Prompts are grouped by length to waste no
     padding; each sequence stops at EOS. `method=None` runs the model as it is (frozen)."""
     device = next(model.parameters()).device
+    settings = {"do_sample": False, "num_beams": 1, **gen_kwargs}  # greedy unless the task says (LLM-Adapters: 4 beams)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         ids = order[start:start + batch_size]
         batch = to_device(collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id), device)
-        with active(method, batch):
+        with active(method, per_beam(batch, settings["num_beams"])):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 **gen_kwargs)
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **settings)
         new = out[:, batch["input_ids"].shape[1]:]
         for i, row in zip(ids, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
     return outputs
+
+
+def per_beam(batch: dict, beams: int) -> dict:
+    """The batch as beam search runs it: each row repeated once per beam, next to each other (HF
+    expands input_ids so), so a method's per-row state (ReFT's positions) covers every beam."""
+    if beams == 1:
+        return batch
+    return {k: v.repeat_interleave(beams, dim=0) if torch.is_tensor(v) else
+            [x for x in v for _ in range(beams)] if isinstance(v, list) else v for k, v in batch.items()}
 
 
 def score(task, records: list[dict], outputs: list[str]) -> dict:

@@ -91,12 +91,31 @@ def _auto_class(kind: str):
     return AutoModelForCausalLM if kind == "decoder" else AutoModelForSequenceClassification
 
 
-def _from_pretrained(path: str, kind: str, dtype: torch.dtype, num_labels: int | None):
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _attention(cfg) -> str:
+    name = cfg.get("attn_implementation") or "sdpa"
+    if name not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={name!r} is unknown: use {', '.join(ATTENTION)} (sdpa is the default)")
+    return name
+
+
+def _from_pretrained(path: str, kind: str, dtype: torch.dtype, num_labels: int | None,
+                     device: torch.device | None = None, attn: str = "sdpa"):
+    """Weights are read straight into `dtype` on `device` (transformers builds the model on the meta
+    device and fills it from the checkpoint): a 7B bf16 model never exists as an fp32 copy in CPU RAM."""
     from transformers import AutoTokenizer
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "attn_implementation": attn}
+    if device is not None and device.type != "cpu":
+        kwargs["device_map"] = {"": device}
     if kind == "encoder" and num_labels:
         kwargs["num_labels"] = num_labels
-    model = _auto_class(kind).from_pretrained(path, **kwargs)
+    try:
+        model = _auto_class(kind).from_pretrained(path, **kwargs)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package or a GPU
+        raise ConfigError(f"model.attn_implementation={attn} cannot be used here ({str(e).splitlines()[0][:160]}); "
+                          "use sdpa or eager") from None
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
 
@@ -155,7 +174,7 @@ def char_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def _random(cfg, kind: str, dtype: torch.dtype, num_labels: int | None, seed: int):
+def _random(cfg, kind: str, dtype: torch.dtype, num_labels: int | None, seed: int, attn: str = "sdpa"):
     from transformers import AutoConfig
     tok = char_tokenizer()
     arch = dict(cfg.architecture)
@@ -166,8 +185,53 @@ def _random(cfg, kind: str, dtype: torch.dtype, num_labels: int | None, seed: in
         conf.num_labels = num_labels
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = _auto_class(kind).from_config(conf, dtype=dtype)
+        try:
+            model = _auto_class(kind).from_config(conf, dtype=dtype, attn_implementation=attn)
+        except ImportError as e:
+            raise ConfigError(f"model.attn_implementation={attn} cannot be used here "
+                              f"({str(e).splitlines()[0][:160]}); use sdpa or eager") from None
     return model, tok
+
+
+DEDICATED_PAD = "<|reftbench_pad|>"
+
+
+def set_padding(model: nn.Module, tok, kind: str) -> int:
+    """The one padding policy. A decoder pads with a token it never generates: with EOS as padding,
+    `repetition_penalty` (which penalises every id of a row, padding included) and
+    `no_repeat_ngram_size` would treat EOS differently on padded rows, so an answer would depend on
+    which prompts share its batch. SentencePiece's `<unk>` where the tokenizer has one (Llama,
+    Llama-2: what pyreft and LLM-Adapters pad with); otherwise (SmolLM2, whose `unk` is its
+    `<|endoftext|>`, Llama-3, with none) a dedicated token added for it, its embedding row zero. Either
+    way generation suppresses the pad id, so it can never be an output. An encoder keeps its own pad
+    (RoBERTa derives position ids from it)."""
+    if kind == "encoder":
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok.pad_token_id
+    ends = {tok.eos_token_id, tok.bos_token_id, *_ids(getattr(model.generation_config, "eos_token_id", None))}
+    if tok.unk_token == "<unk>" and tok.unk_token_id not in ends:
+        tok.pad_token = tok.unk_token
+    else:
+        tok.add_special_tokens({"pad_token": DEDICATED_PAD})
+        rows = model.get_input_embeddings().num_embeddings
+        if len(tok) > rows:
+            with torch.random.fork_rng():  # the new row is zeroed below: draw nothing from the run's RNG
+                model.resize_token_embeddings(len(tok), mean_resizing=False)
+            with torch.no_grad():
+                model.get_input_embeddings().weight[rows:] = 0
+                out = model.get_output_embeddings()
+                if out is not None:
+                    out.weight[rows:] = 0
+    pad = tok.pad_token_id
+    model.config.pad_token_id = pad
+    model.generation_config.pad_token_id = pad
+    model.generation_config.suppress_tokens = [pad]
+    return pad
+
+
+def _ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -207,24 +271,31 @@ def build_meta(cfg, kind: str = "decoder", num_labels: int | None = None) -> nn.
     return model.eval()
 
 
-def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 0) -> Loaded:
-    """cfg is the `model` config group: source is gguf_package, package, random or hub."""
+def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 0, device=None) -> Loaded:
+    """cfg is the `model` config group: source is gguf_package, package, random or hub. The weights
+    land on `device` (a torch.device or its name; None: the CPU) in `model.dtype`."""
     dtype = _dtype(cfg.get("dtype", "float32"))
+    attn = _attention(cfg)
+    if device == "auto":  # run.py resolves it first; a direct caller gets the same rule
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device) if device is not None else None
     source = cfg.source
     path = cfg.get("path")
     if path:  # a local directory always wins: the way to run hub models offline
         if not os.path.isdir(path):
             raise ReftbenchError(f"model.path={path!r} is not a directory: point it at a saved model folder")
-        model, tok = _from_pretrained(path, kind, dtype, num_labels)
+        model, tok = _from_pretrained(path, kind, dtype, num_labels, device, attn)
     elif source == "gguf_package":
-        model, tok = _from_pretrained(_gguf_package(cfg), kind, dtype, num_labels)
+        model, tok = _from_pretrained(_gguf_package(cfg), kind, dtype, num_labels, device, attn)
     elif source == "package":
-        model, tok = _from_pretrained(os.path.join(_package_root(cfg), cfg.subdir), kind, dtype, num_labels)
-    elif source == "random":
-        model, tok = _random(cfg, kind, dtype, num_labels, seed)
+        model, tok = _from_pretrained(os.path.join(_package_root(cfg), cfg.subdir), kind, dtype, num_labels, device, attn)
+    elif source == "random":  # initialised on the CPU, so a seed gives the same weights on any device
+        model, tok = _random(cfg, kind, dtype, num_labels, seed, attn)
+        if device is not None:
+            model = model.to(device)
     elif source == "hub":
         try:
-            model, tok = _from_pretrained(cfg.hub_id, kind, dtype, num_labels)
+            model, tok = _from_pretrained(cfg.hub_id, kind, dtype, num_labels, device, attn)
         except OSError as e:
             raise ReftbenchError(
                 f"could not load model {cfg.hub_id!r} ({str(e).splitlines()[0][:120]}); offline, "
@@ -236,8 +307,7 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
     if found != kind:
         raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
                           f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    set_padding(model, tok, kind)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

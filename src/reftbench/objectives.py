@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import collate_classification, collate_train, encode_example, encode_pair, to_device
+from .data import collate_classification, collate_train, encode_example, encode_pair, encode_whole, to_device
 from .methods.base import active
 from .evaluate import evaluate as evaluate_generation
 from .train import answer_loss
@@ -59,8 +59,12 @@ class Generation:
         """Training examples. One longer than max_length is truncated (as pyreft does); one whose
         prompt alone fills max_length has no answer token left to learn and is dropped. `stats`
         receives both counts."""
-        kept = [e for r in records
-                if (e := encode_example(self.tok, self.task.prompt(r), self.task.target_text(r), self.max_length))]
+        if self.task.loss_on_prompt:  # task.protocol=llm_adapters
+            kept = [encode_whole(self.tok, self.task.train_text(r), self.task.train_prompt(r), self.max_length)
+                    for r in records]
+        else:
+            kept = [e for r in records
+                    if (e := encode_example(self.tok, self.task.prompt(r), self.task.target_text(r), self.max_length))]
         return count_lengths(kept, len(records), self.max_length, stats)
 
     def collate(self, examples):

@@ -99,7 +99,7 @@ def _run(cfg, out_dir: Path) -> dict:
         from accelerate.utils import broadcast_object_list
         out_dir = Path(broadcast_object_list([str(out_dir)])[0])
     kind = OBJECTIVES[task.kind]
-    loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed))
+    loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed), device=device)
     model, tok = loaded.model.to(device), loaded.tokenizer
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     objective = kind(task, tok, cfg.trainer.max_length)

@@ -247,6 +247,7 @@ def rows(cells: list[Cell]) -> list[dict]:
                if (m := r.get("memory") or {}).get("cuda_peak_allocated_gib") is not None]
         papers = [x.paper for x in c.parts if x.paper] if c.average else ([c.paper] if c.paper else [])
         pct = params.get("percent", papers[0].params_percent if papers else None)
+        protocols = {((r.get("config") or {}).get("task") or {}).get("protocol") or "reft" for r in runs}
         out.append({
             "model": c.model, "method": c.label, "task": c.task,
             "mean": mean, "std": std, "n": n, "paper": paper,
@@ -258,6 +259,9 @@ def rows(cells: list[Cell]) -> list[dict]:
             "peak_rss_gib": max(rss) if rss else None,
             "peak_gpu_gib": max(gpu) if gpu else None,
             "judged_offline": judged_offline and mean is None,
+            # how prompts, loss and answers were made (task.protocol): reft, or llm_adapters (the
+            # protocol of the paper's quoted LoRA/DoRA numbers); None for a row that was not run
+            "protocol": "+".join(sorted(protocols)) if protocols else None,
         })
     return out
 
@@ -276,7 +280,7 @@ def duration(seconds: float) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
-def _text(r: dict, has_paper: bool, has_frozen: bool = True) -> dict[str, str]:
+def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool = False) -> dict[str, str]:
     if r["mean"] is None:
         score = "judged offline" if r["judged_offline"] else GAP
     else:
@@ -285,6 +289,8 @@ def _text(r: dict, has_paper: bool, has_frozen: bool = True) -> dict[str, str]:
                        + ([f"{r['peak_rss_gib']:.2f} GiB RSS"] if r["peak_rss_gib"] is not None else []))
     text = {"model": r["model"], "method": r["method"], "task": r["task"], "score": score,
             "seeds": str(r["n"]) if r["n"] else GAP}
+    if has_protocol:
+        text["protocol"] = r.get("protocol") or GAP
     if has_paper:
         text["paper"] = one_decimal(r["paper"]) if r["paper"] is not None else GAP
         text["Δ"] = (("+" if r["diff"] >= 0 else "-") + one_decimal(abs(r["diff"]))) if r["diff"] is not None else GAP
@@ -303,7 +309,8 @@ def _texts(table_rows: list[dict]) -> list[dict[str, str]]:
     """Display text per row; the paper's and the frozen columns only where some row has one."""
     has_paper = any(r["paper"] is not None for r in table_rows)
     has_frozen = any(r["frozen"] is not None for r in table_rows)
-    return [_text(r, has_paper, has_frozen) for r in table_rows]
+    has_protocol = any(r.get("protocol") not in (None, "reft") for r in table_rows)  # else all ReFT's
+    return [_text(r, has_paper, has_frozen, has_protocol) for r in table_rows]
 
 
 def markdown(table_rows: list[dict]) -> str:
@@ -315,7 +322,7 @@ def markdown(table_rows: list[dict]) -> str:
 
 
 CSV_COLUMNS = ["model", "method", "task", "mean", "std", "n", "paper", "diff", "frozen", "trainable",
-               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib"]
+               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol"]
 
 
 def to_csv(table_rows: list[dict]) -> str:
@@ -357,8 +364,9 @@ def wide(table_rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     if "avg" in tasks:
         tasks = [t for t in tasks if t != "avg"] + ["avg"]
     by_row = {}
-    for r in table_rows:
-        by_row.setdefault((r["model"], r["method"]), {})[r["task"]] = r
+    for r in table_rows:  # a row run under another protocol than ReFT's says so beside its name
+        name = r["method"] + (f" [{r['protocol']}]" if r.get("protocol") not in (None, "reft") else "")
+        by_row.setdefault((r["model"], name), {})[r["task"]] = r
     header = ["model", "method", "% params", *tasks]
     body = []
     for (model, method), cells in by_row.items():

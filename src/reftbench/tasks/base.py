@@ -4,6 +4,7 @@ import string
 from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError
+from . import protocols
 from .answers import ANSWER_CHECKS
 from .loaders import LOADERS
 from .metrics import GLUE_TASKS, split_validation
@@ -34,6 +35,12 @@ class Task:
     train_limit: int | None = None
     eval_limit: int | None = None
     heldout: int = 0  # training examples kept aside to report the answer loss on (open-ended tasks)
+    protocol: str = "reft"  # reft or llm_adapters (tasks/protocols.py): prompts, loss and answer check
+    train_template: str | None = None  # loss_on_prompt: the whole training text, output included
+    train_input_template: str | None = None  # the same for records whose `input` is not empty
+    loss_on_prompt: bool = False  # the loss covers prompt and answer (LLM-Adapters), not the answer only
+    cut_at: str | None = None  # the answer check reads the output up to this text
+    answer_args_by_set: dict = field(default_factory=dict)  # eval set -> answer_args (several test sets)
     options: dict = field(default_factory=dict)  # source-specific settings
     # role -> "git-sha1:<hex>" or "sha256:<hex>" of the paper's file: a run on other data is not the paper's row
     checksums: dict = field(default_factory=dict)
@@ -55,8 +62,21 @@ class Task:
         self._need_generation()
         return self.target.format(**record)
 
+    def train_text(self, record: dict) -> str:
+        """loss_on_prompt: the whole training text, one string (LLM-Adapters tokenises it at once)."""
+        self._need_generation()
+        use_input = self.train_input_template and record.get("input")
+        return (self.train_input_template if use_input else self.train_template).format(**record)
+
+    def train_prompt(self, record: dict) -> str:
+        """The training text without its output: where the prompt ends (ReFT's positions count in it)."""
+        return self.train_text({**record, "output": ""})
+
     def is_correct(self, output: str, record: dict) -> bool:
-        return ANSWER_CHECKS[self.answer](output, record.get("answer"), **self.answer_args)
+        if self.cut_at:
+            output = output.split(self.cut_at)[0]
+        args = self.answer_args_by_set.get(record.get("eval_task"), self.answer_args)
+        return ANSWER_CHECKS[self.answer](output, record.get("answer"), **args)
 
     def load_splits(self, seed: int) -> dict[str, list[dict]]:
         """{"train", "test"} and, for classification, "select": the part of the validation set
@@ -92,7 +112,8 @@ class Task:
         when it is checked."""
         used = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
         if role == "train":
-            used |= {f for _, f, _, _ in string.Formatter().parse(self.target) if f}
+            for text in (self.target, self.train_template or ""):
+                used |= {f for _, f, _, _ in string.Formatter().parse(text) if f}
         elif self.answer != "none":
             used.add("answer")
         return tuple(sorted(used))
@@ -102,7 +123,7 @@ _FIELDS = {f.name for f in fields(Task) if f.init}
 
 
 def build(cfg) -> Task:
-    data = dict(cfg)
+    data = protocols.apply(dict(cfg))
     extra = sorted(set(data) - _FIELDS)
     options = dict(data.pop("options", None) or {})
     for k in extra:  # source-specific keys (data_dir, dataset, ...) sit at the top level of the YAML
@@ -118,8 +139,13 @@ def build(cfg) -> Task:
         raise ConfigError(f"task.source={data['source']!r} is unknown: choose one of {', '.join(sorted(LOADERS))}")
     if data.get("answer", "none") not in ANSWER_CHECKS:
         raise ConfigError(f"task.answer={data['answer']!r} is unknown: choose one of {', '.join(sorted(ANSWER_CHECKS))}")
-    if data.get("answer") == "first_match" and not (data.get("answer_args") or {}).get("labels"):
-        raise ConfigError(f"task={data['name']}: answer=first_match needs answer_args.labels (e.g. true|false)")
+    if data.get("answer") == "first_match":
+        by_set = _plain(data.get("answer_args_by_set") or {})
+        sets = data.get("eval_tasks") or []
+        if not (data.get("answer_args") or {}).get("labels") and not (sets and all(
+                (by_set.get(t) or {}).get("labels") for t in sets)):
+            raise ConfigError(f"task={data['name']}: answer=first_match needs answer_args.labels (e.g. true|false), "
+                              "or answer_args_by_set.<set>.labels for each test set")
     if data.get("metric", "accuracy") not in METRICS:
         raise ConfigError(f"task.metric={data['metric']!r} is unknown: choose one of {', '.join(sorted(METRICS))}")
     if kind == "classification" and options.get("glue_task", data["name"]) not in GLUE_TASKS:
@@ -128,7 +154,7 @@ def build(cfg) -> Task:
     for k in ("train_limit", "eval_limit"):
         if data.get(k) is not None and int(data[k]) < 1:
             raise ConfigError(f"task.{k}={data[k]} must be a positive number of examples (or null for all)")
-    for k in ("generation", "answer_args", "files", "hub", "checksums"):  # plain dicts, not OmegaConf nodes
+    for k in ("generation", "answer_args", "files", "hub", "checksums", "answer_args_by_set"):  # plain dicts
         data[k] = _plain(data.get(k) or {})
     data["eval_tasks"] = list(data.get("eval_tasks") or [])
     return Task(options=_plain(options), **data)

@@ -99,15 +99,27 @@ def _data_dir(task) -> Path | None:
     return Path(d).expanduser() if d else None
 
 
+def _local_root(task, role: str) -> Path | None:
+    """Where a role's files are read from: task.data_dir, or / for files named by absolute paths
+    (task.files.train=/data/train.json needs no data_dir); None: the hub."""
+    root = _data_dir(task)
+    spec = task.files.get(role)
+    given = [spec] if isinstance(spec, str) else list(spec or [])
+    if root is None and given and all(Path(p).expanduser().is_absolute() for p in given):
+        return Path("/")
+    return root
+
+
 def _role(task, role: str, read) -> list[dict]:
     """One role's records: `read(path)` for each local file (a list of files is concatenated),
     else the hub."""
-    root = _data_dir(task)
+    root = _local_root(task, role)
+    spec = task.files.get(role)
+    given = [spec] if isinstance(spec, str) else list(spec or [])
     if root is not None:
-        spec = task.files.get(role)
         if not spec:
             raise ReftbenchError(f"task={task.name} names no local file for its {role} data: set task.files.{role}=")
-        paths = [root / p for p in ([spec] if isinstance(spec, str) else spec)]
+        paths = [root / Path(p).expanduser() for p in given]
         records = [r for p in paths for r in read(p)]
         task.loaded_files[role] = [fingerprint(p) for p in paths]  # which data made the number
         return records
@@ -189,10 +201,9 @@ def glue(task, seed: int):
         return [{"text": r[cols[0]], "text_pair": r[cols[1]] if len(cols) > 1 else None,
                  "label": label(r[label_col], where)} for r in rows]
 
-    root = _data_dir(task)
     out = {}
     for role in ("train", "validation"):
-        if root is not None:
+        if _local_root(task, role) is not None:
             out[role] = _role(task, role, lambda p: normal(read_tsv(p, o.get("tsv_header")), tsv_columns,
                                                            o.get("tsv_label", "label"), f"data file {p}"))
         else:
