@@ -8,6 +8,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,9 @@ from .errors import ReftbenchError
 _FAILED: list[str] = []  # the sweep's failed jobs, read back from their failed.json files
 FAILED_FILE = "failed.json"  # in a job's folder: why it stopped
 LAUNCH_FILE = ".reftbench_launch.json"  # in the sweep folder: which launch a failed.json belongs to
+# conf/hydra/launcher/submitit_*.yaml give every field of the plugin's schema of the same name (so they
+# work whether or not Hydra still checks a file against it); the notice about that check is noise.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the package (conf/ at the repo root links here)
 
 
