@@ -10,7 +10,8 @@ import reftbench.run as run_module
 from reftbench import cli
 
 TINY = ["model=tiny-random-llama", "trainer.max_steps=2", "task.train_limit=16", "task.eval_limit=4",
-        "trainer.batch_size=4", "eval_batch_size=8", "eval_frozen=false", "save_intervention=false", "cache=false", "task.max_new_tokens=4"]
+        "task.max_new_tokens=4", "trainer.batch_size=4", "eval_batch_size=8", "eval_frozen=false",
+        "save_intervention=false", "cache=false"]
 
 
 def sweep(monkeypatch, tmp_path, *args) -> int:
