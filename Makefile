@@ -42,17 +42,23 @@ bench: install
 # again skips every job whose result.json is there (an interrupted reproduction resumes).
 # Pass more settings with ARGS, e.g. ARGS="device=cuda task.data_dir=/data/llm-adapters", or
 # ARGS=dry_run=true for the plan (jobs, parameter counts) without loading anything.
+# LAUNCHER=slurm sends the jobs to SLURM (one GPU each; hydra.launcher.* settings in ARGS), LAUNCHER=local
+# runs each in its own process through submitit, LAUNCHER=joblib several at once here; the report
+# runs once, here, when every job is back. Left empty: one job after another in this process.
 REFT := $(VENV)/bin/reftbench
 REPORT := $(VENV)/bin/reftbench-report
 JOB_DIRS = hydra.sweep.dir=reproductions/$(1) 'hydra.sweep.subdir=$${hydra.job.override_dirname}'
 ARGS ?=
+LAUNCHER ?=
+LAUNCHERS := slurm=submitit_slurm local=submitit_local joblib=joblib submitit_slurm=submitit_slurm submitit_local=submitit_local
+LAUNCH = $(if $(LAUNCHER),hydra/launcher=$(or $(patsubst $(LAUNCHER)=%,%,$(filter $(LAUNCHER)=%,$(LAUNCHERS))),$(error LAUNCHER=$(LAUNCHER) is unknown: use slurm, local or joblib)))
 GLUE_TASKS := mnli,sst2,mrpc,cola,qnli,qqp,rte,stsb
 SEEDS3 := 42,43,44
 SEEDS5 := 42,43,44,45,46
 
 # $(1) table, $(2) sweep; the table is written even when some jobs failed, then make reports the failure.
 define reproduce
-	$(REFT) -m 'experiment=glob($(1)_*)' $(2) $(call JOB_DIRS,$(1)) $(ARGS); status=$$?; \
+	$(REFT) -m 'experiment=glob($(1)_*)' $(2) $(call JOB_DIRS,$(1)) $(LAUNCH) $(ARGS); status=$$?; \
 	case "$(ARGS)" in *dry_run=true*) exit $$status;; esac; \
 	$(REPORT) reproductions/$(1) --table $(1) --out-dir results/$(1) && exit $$status
 endef
@@ -75,8 +81,8 @@ MINI_SEEDS := 42,43
 reproduce-mini: install
 	@test -d ../shared/data/llm-adapters -a -d ../shared/data/glue/SST-2 || \
 		{ echo "reproduce-mini: needs the benchmark files in ../shared/data (llm-adapters/, glue/SST-2/)" >&2; exit 2; }
-	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_mawps,mini_obqa intervention=loreft,lora,dora,red,full,none $(call JOB_DIRS,mini) $(ARGS)
-	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_sst2 intervention=loreft,lora,dora,red,bitfit,full,none $(call JOB_DIRS,mini) $(ARGS)
+	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_mawps,mini_obqa intervention=loreft,lora,dora,red,full,none $(call JOB_DIRS,mini) $(LAUNCH) $(ARGS)
+	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_sst2 intervention=loreft,lora,dora,red,bitfit,full,none $(call JOB_DIRS,mini) $(LAUNCH) $(ARGS)
 	$(REPORT) reproductions/mini --table mini --out-dir results/mini
 
 clean:

@@ -10,7 +10,8 @@ import reftbench.run as run_module
 from reftbench import cli
 
 TINY = ["model=tiny-random-llama", "trainer.max_steps=2", "task.train_limit=16", "task.eval_limit=4",
-        "trainer.batch_size=4", "eval_batch_size=8", "eval_frozen=false", "save_intervention=false", "cache=false", "task.max_new_tokens=4"]
+        "task.max_new_tokens=4", "trainer.batch_size=4", "eval_batch_size=8", "eval_frozen=false",
+        "save_intervention=false", "cache=false"]
 
 
 def sweep(monkeypatch, tmp_path, *args) -> int:
@@ -72,3 +73,16 @@ def test_the_sweep_goes_on_past_a_failed_job_and_a_later_launch_clears_it(monkey
     assert sorted(p.parent.name for p in jobs.glob("*/failed.json")) == ["old_job"]
     assert sorted(json.loads(p.read_text())["seed"] for p in jobs.glob("*/result.json")) == [1, 2]
     assert "skipped, already done" in capsys.readouterr().out
+
+
+def test_each_job_measures_its_own_cuda_peak(monkeypatch):
+    """CUDA's peak counters run for the process: without a reset a job would report an earlier job's peak."""
+    from reftbench import record
+    resets = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i: resets.append(i))
+    with record.PeakRSS():
+        pass
+    assert resets == [0, 1]

@@ -8,6 +8,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,9 @@ from .errors import ReftbenchError
 _FAILED: list[str] = []  # the sweep's failed jobs, read back from their failed.json files
 FAILED_FILE = "failed.json"  # in a job's folder: why it stopped
 LAUNCH_FILE = ".reftbench_launch.json"  # in the sweep folder: which launch a failed.json belongs to
+# conf/hydra/launcher/submitit_*.yaml give every field of the plugin's schema of the same name (so they
+# work whether or not Hydra still checks a file against it); the notice about that check is noise.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the package (conf/ at the repo root links here)
 
 
@@ -69,15 +73,17 @@ def _record_failure(exc: BaseException, hc, reason: str) -> str:
     from .record import write_json_atomic
     traceback.clear_frames(exc.__traceback__)
     exc.__traceback__ = None
-    launch = Path(hc.sweep.dir) / LAUNCH_FILE
-    try:
-        launch_id = json.loads(launch.read_text())["id"]
-    except (OSError, ValueError, KeyError):
-        launch_id = None
     write_json_atomic(Path(hc.runtime.output_dir) / FAILED_FILE, {
         "reason": reason, "error": type(exc).__name__, "overrides": list(hc.overrides.task),
-        "launch": launch_id, "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "launch": _launch_id(Path(hc.sweep.dir)), "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return reason
+
+
+def _launch_id(sweep_dir: Path) -> str | None:
+    try:
+        return json.loads((sweep_dir / LAUNCH_FILE).read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 class SweepSummary(Callback):
@@ -106,11 +112,7 @@ def swept_keys(overrides: list[str]) -> set[str] | None:
 def failed_jobs(sweep_dir: Path, keys: set[str] | None = None) -> list[str]:
     """'overrides (reason)' for each job of the sweep folder's latest launch that wrote a failed.json;
     of the overrides, those of `keys` only when given."""
-    try:
-        launch_id = json.loads((sweep_dir / LAUNCH_FILE).read_text())["id"]
-    except (OSError, ValueError, KeyError):
-        launch_id = None
-    out = []
+    launch_id, out = _launch_id(sweep_dir), []
     for path in sorted(sweep_dir.rglob(FAILED_FILE)):
         try:
             failure = json.loads(path.read_text())
