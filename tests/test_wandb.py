@@ -57,10 +57,12 @@ def offline_run(tmp_path, monkeypatch, overrides, fail=False):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     if fail:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="training loop broke"):
             runner.run(cfg, tmp_path / "out")
     else:
         runner.run(cfg, tmp_path / "out")
+    assert wandb.run is None  # finished: the next run of a sweep starts a run of its own
+    wandb.teardown()  # stop wandb's service: the run's file is complete on disk
     (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))
     return records(run_dir)
 
@@ -106,5 +108,4 @@ def test_a_run_that_raises_is_finished_as_failed(tmp_path, monkeypatch):
     recs = offline_run(tmp_path, monkeypatch, TABLE_ROW, fail=True)
     (end,) = of(recs, "exit")
     assert end.exit.exit_code == 1
-    assert wandb.run is None  # closed: the next run of a sweep starts a run of its own
     assert not (tmp_path / "out" / "result.json").exists()
