@@ -103,6 +103,17 @@ def _merge_peft(run_dir: Path, record: dict, out: Path) -> None:
     _save_model(merged.eval(), tokenizer, out)
 
 
+def _quiet() -> None:
+    """Nothing is fetched, and transformers' progress bars and deprecation notes stay off stderr."""
+    import os
+    import warnings
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="reftbench-export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder (holding result.json and intervention/)")
@@ -110,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--merged", action="store_true",
                         help="fold the method into the weights: a plain transformers model (LoRA, DoRA, full, BitFit)")
     args = parser.parse_args(argv)
+    _quiet()
     try:
         print(export(args.run_dir, args.out, args.merged))
     except ReftbenchError as e:
