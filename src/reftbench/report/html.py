@@ -12,6 +12,7 @@ script, so a result file cannot inject script into the page.
 import csv
 import io
 import json
+import math
 from html import escape
 
 from .figure import panels
@@ -170,8 +171,9 @@ def figure(table_rows: list[dict], title: str, include_plotlyjs: bool) -> str:
                                 symbol="circle" if ours else "square-open", line=dict(color=color, width=2))),
                     row=row, col=col)
                 shown.add(key)
-        fig.update_xaxes(type="log", title_text="trainable parameters (% of the model)", ticksuffix="%",
-                         row=row, col=col)
+        lo, hi = math.log10(min(pcts) / 3), math.log10(max(pcts) * 3)  # at least two decades wide
+        fig.update_xaxes(type="log", range=[lo, hi], dtick=1, exponentformat="none", ticksuffix="%",
+                         title_text="trainable parameters (% of the model)", row=row, col=col)
         fig.update_yaxes(title_text="average score" if task == "avg" else "score", row=row, col=col)
     fig.update_layout(title_text=escape(title), height=360 * nrows + 80, template="plotly_white",
                       legend=dict(title_text="click a method to hide it"), margin=dict(l=50, r=20, t=80, b=70),
