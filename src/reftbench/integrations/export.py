@@ -38,8 +38,8 @@ def export(run_dir, out, merged: bool = False) -> str:
     name = record.get("method") or record["config"]["intervention"]["name"]
     if merged and name in NOT_MERGEABLE:
         raise ConfigError(f"a {name} run cannot be merged into the model's weights: {NOT_MERGEABLE[name]}")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty: choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
