@@ -131,3 +131,21 @@ def test_page_in_a_headless_browser(tmp_path):
         assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")] == []
     finally:
         browser.quit()
+
+
+def test_a_folder_of_tables_only_renders_from_its_csv(tmp_path, capsys):
+    """results/mini keeps the tables, not the runs: the page is drawn from <table>.csv."""
+    runs, tables = _runs(tmp_path / "runs"), tmp_path / "tables"
+    assert report.main([str(runs), "--out-dir", str(tables), "--no-figure"]) == 0
+    for f in tables.iterdir():
+        if f.suffix != ".csv":
+            f.unlink()
+    out = tmp_path / "page.html"
+    assert report.main([str(tables), "--html", str(out)]) == 0
+    assert "CSV files (no per-run details)" in capsys.readouterr().err
+    page = out.read_text()
+    assert "<h2>table1</h2>" in page and "Runs (" not in page
+    for row in report.tables(report.load_records(runs))["table1"]:
+        if row["mean"] is not None and row["task"] != "avg":
+            assert f'data-sort="{row["mean"]!r}"' in page or f"{row['mean']:.1f}" in page
+    assert report.main([str(tmp_path / "empty-dir-not-here"), "--html", str(out)]) == 2
