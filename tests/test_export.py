@@ -109,3 +109,7 @@ def test_missing_folder_and_missing_weights_are_one_line(runs, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no saved weights" in err[0]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    assert export.main([str(runs["lora"]), "--out", str(taken)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err and taken.read_text() == "a file, not a folder"

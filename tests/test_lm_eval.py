@@ -117,3 +117,13 @@ def test_command_line(setup, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     found = list((tmp_path / "out").rglob("results*.json"))
     assert found and "sums_mc" in json.loads(found[0].read_text())["results"]
+
+
+def test_batched_generation_equals_one_by_one(setup):
+    """Left-padded batches of prompts of different lengths: each prompt's own positions are intervened on."""
+    prompts = ["1 + 2 =", "12 + 30 =", "100 + 250 =", "7 =", "4000 + 1 =", "3 + 3 + 3 ="]
+    requests = [type("R", (), {"args": (p, {"until": ["\n"], "max_gen_toks": 5, "do_sample": False})})()
+                for p in prompts]
+    batched = ReftbenchLM(run=str(setup / "loreft"), device="cpu", batch_size=6).generate_until(requests)
+    single = ReftbenchLM(run=str(setup / "loreft"), device="cpu", batch_size=1).generate_until(requests)
+    assert batched == single

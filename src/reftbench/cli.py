@@ -179,7 +179,7 @@ def search_path_overrides(args: list[str]) -> list[str] | None:
             from hydra.core.override_parser.overrides_parser import OverridesParser
             value = OverridesParser.create().parse_override(a).value()
             searchpath = list(value) if isinstance(value, list) else [value]
-        elif not a.startswith("hydra."):
+        elif not a.startswith(("hydra.", "hydra/")):
             out.append(a)
     paths = searchpath + dirs
     return out + (["hydra.searchpath=[" + ",".join(repr(str(p)) for p in paths) + "]"] if paths else [])

@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -74,8 +75,12 @@ def finished(cfg, out_dir: Path) -> dict | None:
 
 
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
-    with PeakRSS() as rss:
-        record, out_dir, main = _run(cfg, Path(out_dir))
+    try:
+        with PeakRSS() as rss:
+            record, out_dir, main = _run(cfg, Path(out_dir))
+    except BaseException:
+        _wandb_failed()  # a run that raises still closes its wandb run, marked failed
+        raise
     record["memory"] = peak_memory(pick_device(cfg.device), rss)
     record["overrides"] = list(overrides or [])
     if main:  # one result.json per run: a distributed run's first process writes it
@@ -175,9 +180,7 @@ def _run(cfg, out_dir: Path) -> dict:
         "git_commit": git_commit(),
     }
     if wandb_log:
-        import wandb
-        wandb.log({f"eval/{k}_score": v["score"] for k, v in metrics.items() if "score" in v})
-        wandb.finish()
+        _wandb_end(metrics, params)
     return record, out_dir, main
 
 
@@ -223,11 +226,42 @@ def _score_text(m: dict) -> str:
 
 
 def _wandb(cfg):
+    """Open a wandb run named and grouped by what the run is: the seeds of one table cell share a
+    group; the table, row, method, task, model and seed are tags to filter by."""
     if not cfg.wandb.enabled:
         return None
     import wandb
-    wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg, resolve=True))
+    table, row, method, task, model = cfg.get("table"), cfg.get("row"), cfg.intervention.name, cfg.task.name, cfg.model.name
+    label = row or method
+    tags = list(dict.fromkeys(str(t) for t in (table, row, method, task, model, f"seed{cfg.seed}") if t))
+    wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg, resolve=True),
+               name=f"{label}-{task}-{model}-seed{cfg.seed}", group="/".join(str(p) for p in (table, label, task, model) if p),
+               tags=tags)
     return lambda data, step: wandb.log(data, step=step)
+
+
+def _wandb_end(metrics: dict, params: dict) -> None:
+    """Scores of the frozen and trained model, per test set where a run has several, and the
+    parameter counts; then close the run as a success."""
+    import wandb
+    data = {}
+    for which, m in metrics.items():
+        if "score" in m:
+            data[f"eval/{which}/score"] = m["score"]
+        for name, v in (m.get("by_task") or {}).items():
+            score = v.get("score", v.get("accuracy")) if isinstance(v, dict) else v
+            if isinstance(score, (int, float)):
+                data[f"eval/{which}/{name}/score"] = score
+    data.update({f"params/{k}": v for k, v in params.items()})
+    wandb.log(data)
+    wandb.run.summary.update(data)
+    wandb.finish(exit_code=0)
+
+
+def _wandb_failed() -> None:
+    wandb = sys.modules.get("wandb")  # only a run that opened wandb has it imported
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1)
 
 
 def summary(record: dict) -> str:

@@ -38,8 +38,8 @@ def export(run_dir, out, merged: bool = False) -> str:
     name = record.get("method") or record["config"]["intervention"]["name"]
     if merged and name in NOT_MERGEABLE:
         raise ConfigError(f"a {name} run cannot be merged into the model's weights: {NOT_MERGEABLE[name]}")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty: choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -103,6 +103,17 @@ def _merge_peft(run_dir: Path, record: dict, out: Path) -> None:
     _save_model(merged.eval(), tokenizer, out)
 
 
+def _quiet() -> None:
+    """Nothing is fetched, and transformers' progress bars and deprecation notes stay off stderr."""
+    import os
+    import warnings
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="reftbench-export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder (holding result.json and intervention/)")
@@ -110,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--merged", action="store_true",
                         help="fold the method into the weights: a plain transformers model (LoRA, DoRA, full, BitFit)")
     args = parser.parse_args(argv)
+    _quiet()
     try:
         print(export(args.run_dir, args.out, args.merged))
     except ReftbenchError as e:

@@ -25,8 +25,10 @@ from .runs import load_run
 
 @register_model("reftbench")
 class ReftbenchLM(HFLM):
-    def __init__(self, run: str, device: str = "cpu", batch_size=1, max_length=None, **kwargs):
-        loaded = load_run(run, device="cpu" if device in (None, "") else device)
+    def __init__(self, run: str, device: str | None = None, batch_size=1, max_length=None, **kwargs):
+        import torch
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # lm-eval's default: None
+        loaded = load_run(run, device=device)  # HFLM then runs on the model's own device
         if loaded.kind != "decoder":
             raise ConfigError(f"run {run} trained a classifier (a {loaded.record.get('task')} run on an encoder): "
                               "lm-eval scores language models")

@@ -1,7 +1,8 @@
-"""`reftbench-report DIR [--out-dir OUT]`: the results tables of every result.json under DIR.
+"""`reftbench-report DIR [--out-dir OUT] [--html OUT.html]`: the results tables of every result.json under DIR.
 
 For each table (the `table` its runs were started with; `results` for runs of no table): markdown,
 CSV and LaTeX, and the paper's Figure 1 for what was run. Without --out-dir the markdown is printed.
+--html writes one self-contained page of it all (report/html.py).
 """
 import argparse
 import sys
@@ -37,15 +38,24 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, help="write <table>.md, .csv, .tex and <table>.png here")
     parser.add_argument("--table", action="append", help="only this table (repeatable), e.g. --table table1")
     parser.add_argument("--no-figure", action="store_true", help="skip the figure")
+    parser.add_argument("--html", type=Path, metavar="OUT.html",
+                        help="also write one self-contained results page (sortable tables, interactive Figure 1)")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
         print(f"reftbench-report: {args.dir} is not a folder", file=sys.stderr)
         return 2
     records = load_records(args.dir)
-    if not records:
+    csvs = sorted(args.dir.glob("*.csv")) if args.html and not records else []  # a folder of tables only
+    if not records and not csvs:
         print(f"reftbench-report: no readable result.json under {args.dir}", file=sys.stderr)
         return 2
-    found = tables(records)
+    if csvs:
+        from .html import rows_from_csv
+        print(f"reftbench-report: no result.json under {args.dir}: the page shows its tables' CSV files "
+              "(no per-run details)", file=sys.stderr)
+        found = {p.stem: rows_from_csv(p.read_text()) for p in csvs}
+    else:
+        found = tables(records)
     if args.table:
         missing = [t for t in args.table if t not in found]
         if missing:
@@ -53,6 +63,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         found = {t: found[t] for t in args.table}
+    if args.html:
+        from .html import page
+        write_text_atomic(args.html, page(found, records, source=str(args.dir)))
+        print(f"reftbench-report: wrote {args.html}", file=sys.stderr)
     for name, table_rows in found.items():
         text = markdown(table_rows) + wide_note(table_rows) + markdown_wide(table_rows)
         sys.stdout.write((f"## {name}\n\n" if len(found) > 1 else "") + text + ("\n" if len(found) > 1 else ""))
