@@ -141,7 +141,8 @@ def _run(cfg, out_dir: Path) -> dict:
     if cfg.get("compress"):  # fold the gates, drop dead weights, score the checkpoint as saved
         from .compress import after_run
         compressed = after_run(method, tok, out_dir / "compressed", lambda m: objective.evaluate(
-            m, test_records, cfg.eval_batch_size, desc="eval compressed")[0])
+            m, test_records, cfg.eval_batch_size, desc="eval compressed")[0],
+            timing_batches=(train_set, objective.collate, cfg.eval_batch_size))
 
     record = {
         "method": cfg.intervention.name,

@@ -202,13 +202,31 @@ def summary(info: dict) -> dict:
     return {k: v for k, v in info.items() if k != "layers"}
 
 
-def after_run(method, tokenizer, out, evaluate) -> dict:
-    """End of a run with compress=true: shrink, save, reload the checkpoint and score it with `evaluate`."""
+def after_run(method, tokenizer, out, evaluate, timing_batches=None, repeats: int = 5) -> dict:
+    """End of a run with compress=true: shrink, save, reload the checkpoint and score it with `evaluate`.
+    timing_batches=(examples, collate, batch size): also time the dense forward (gates folded in place)
+    against the compressed one on the first two batches (a quick figure; scripts/bench_compress.py is the measurement)."""
+    from ..data import to_device
+    from .bench import median_seconds, speed
     method.eval()
+    model = method.model_ref
+    batches = []
+    if timing_batches:
+        examples, collate, size = timing_batches
+        device = next(model.parameters()).device
+        batches = [to_device(collate(examples[i:i + size]), device) for i in range(0, min(len(examples), 2 * size), size)]
+    timing = {}
+    if batches:
+        method.merge()  # the dense model's cost: same shapes as the base model, gates folded
+        dense = median_seconds(model, batches, repeats)
+        method.unmerge()
     info = shrink(method)
-    save(method.model_ref, tokenizer, out, info)
-    model = load(out).to(next(method.model_ref.parameters()).device)
-    return dict(summary(info), dir=str(out), metrics=evaluate(model))
+    if batches:
+        timing = dict(speed(dense, median_seconds(model, batches, repeats)), repeats=repeats,
+                      batches=len(batches), threads=torch.get_num_threads())
+    save(model, tokenizer, out, info)
+    reloaded = load(out).to(next(model.parameters()).device)
+    return dict(summary(info), dir=str(out), metrics=evaluate(reloaded), timing=timing)
 
 
 def compress_run(run_dir, out) -> dict:
