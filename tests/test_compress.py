@@ -298,3 +298,21 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     res = _reftbench(*TINY_GLUE, "intervention=lora", "compress=true", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
     assert res.returncode == 2 and "compress=true" in res.stderr and not (tmp_path / "r2" / "result.json").exists()
+
+
+def test_tied_embeddings_survive_save_and_load(tmp_path):
+    from omegaconf import OmegaConf
+    from reftbench import models
+    from conftest import ROOT
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny-random-llama.yaml")
+    cfg.architecture.tie_word_embeddings = True  # as SmolLM2: the LM head is the input embedding
+    loaded = models.load(cfg)
+    model = loaded.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    m = gated(model, seed=5)
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.save(model, loaded.tokenizer, tmp_path / "c", compress.shrink(m))
+    again = compress.load(tmp_path / "c")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert (forward(again, x, mask)[0] - ref)[mask.bool()].abs().max() < TOL

@@ -124,7 +124,7 @@ def shrink(method) -> dict:
 
 def save(model, tokenizer, out, info: dict) -> Path:
     """Write the compressed checkpoint into a temporary folder beside `out`, then rename it into place."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
@@ -132,7 +132,7 @@ def save(model, tokenizer, out, info: dict) -> Path:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_unique_state(model), str(tmp / "model.safetensors"))
         info = dict(info, auto_class=_auto_name(model), dtype=str(next(model.parameters()).dtype).split(".")[-1])
         (tmp / "compress.json").write_text(json.dumps(info, indent=2))
         if out.exists():
@@ -146,13 +146,24 @@ def save(model, tokenizer, out, info: dict) -> Path:
     return out
 
 
+def _unique_state(model) -> dict:
+    """The state dict with each shared tensor once, under its first name (embed_tokens before a tied lm_head)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen and v.numel():
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.contiguous()
+    return out
+
+
 def _auto_name(model) -> str:
     return "causal_lm" if archs.for_model(model).family == "llama" else "sequence_classification"
 
 
 def load(path, tokenizer: bool = False):
     """A working transformers model from a compressed checkpoint (and its tokenizer if asked)."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.initialization import no_init_weights
     path = Path(path)
@@ -173,10 +184,12 @@ def load(path, tokenizer: bool = False):
         att = CompactAttention(model.config, i, plan.heads, plan.kv_heads, plan.m_qk, plan.m_v,
                                plan.head_dim ** -0.5, plan.rope, lins, decoder=arch.family != "bert")
         _install(model, arch, i, att, lins)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     missing = [k for k in missing if k not in _tied(model)]
     if missing or unexpected:
         raise ConfigError(f"{path}/model.safetensors does not match compress.json ({(missing + unexpected)[0]})")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the LM head is the (loaded) input embedding
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -188,7 +201,7 @@ def load(path, tokenizer: bool = False):
 
 def _tied(model) -> set:
     keys = getattr(model, "_tied_weights_keys", None) or {}
-    return set(keys) if not isinstance(keys, dict) else set(keys)
+    return set(keys) | (set(keys.values()) if isinstance(keys, dict) else set())  # safetensors keeps one name
 
 
 def check_compressible(name: str) -> None:
