@@ -57,8 +57,9 @@ def plan(cfg) -> dict:
 def plan_line(p: dict) -> str:
     c = p["params"]
     where = f" [{p['table']}, row {p['row']}]" if p.get("table") and p.get("row") else ""
+    parts = "".join(f"; {k} {v:,} ({100 * v / (c['base'] + c.get('added', 0)):.3f}%)" for k, v in c.get("parts", {}).items())
     return (f"dry run: {p['method']} on {p['task']} ({p['model']}, seed {p['seed']}){where}: "
-            f"{c['trainable']:,} trainable of {c['base']:,} base params ({c['percent']:.3f}%)")
+            f"{c['trainable']:,} trainable of {c['base']:,} base params ({c['percent']:.3f}%){parts}")
 
 
 def finished(cfg, out_dir: Path) -> dict | None:
@@ -107,6 +108,9 @@ def _run(cfg, out_dir: Path) -> dict:
     loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed), device=device)
     model, tok = loaded.model.to(device), loaded.tokenizer
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
+    if cfg.get("compress"):
+        from .compress import check_compressible
+        check_compressible(cfg.intervention.name)
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
     data_stats = {"files": task.loaded_files}  # which files; how many examples max_length cut or dropped
@@ -157,6 +161,13 @@ def _run(cfg, out_dir: Path) -> dict:
         with accelerator.autocast():
             metrics["trained"]["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size, method)
 
+    method_report, compressed = method.report(), None
+    if cfg.get("compress"):  # fold the gates, drop dead weights, score the checkpoint as saved
+        from .compress import after_run
+        compressed = after_run(method, tok, out_dir / "compressed", lambda m: objective.evaluate(
+            m, test_records, cfg.eval_batch_size, desc="eval compressed")[0],
+            timing_batches=(train_set, objective.collate, cfg.eval_batch_size))
+
     record = {
         "method": cfg.intervention.name,
         "task": task.name,
@@ -166,7 +177,8 @@ def _run(cfg, out_dir: Path) -> dict:
         "seed": int(cfg.seed),
         "metrics": metrics,
         "params": params,
-        "method_report": method.report(),
+        "method_report": method_report,
+        "compressed": compressed,
         "train": stats,
         "data": data_stats,
         "wall_seconds": time.time() - t0,

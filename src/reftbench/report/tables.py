@@ -30,7 +30,8 @@ NO_TABLE = "results"  # runs that belong to no table (no `table` in their config
 NEUTRAL = ("experiment", "task", "seed", "task.data_dir", "model.path", "device", "eval_batch_size",
            "save_intervention", "eval_frozen", "wandb.", "resume", "hydra.", "table")
 GAP = "–"
-METHOD_ORDER = ["none", "loreft", "direft", "noreft", "red", "lora", "dora", "bitfit", "full"]
+METHOD_ORDER = ["none", "loreft", "direft", "noreft", "red", "lora", "dora", "bitfit", "finegates", "finegates_lora",
+                "full"]
 
 
 @dataclass
@@ -246,6 +247,7 @@ def rows(cells: list[Cell]) -> list[dict]:
         gpu = [m["cuda_peak_allocated_gib"] for r in runs
                if (m := r.get("memory") or {}).get("cuda_peak_allocated_gib") is not None]
         papers = [x.paper for x in c.parts if x.paper] if c.average else ([c.paper] if c.paper else [])
+        sparsity, speedup = _compression(runs)
         pct = params.get("percent", papers[0].params_percent if papers else None)
         protocols = {((r.get("config") or {}).get("task") or {}).get("protocol") or "reft" for r in runs}
         out.append({
@@ -262,8 +264,25 @@ def rows(cells: list[Cell]) -> list[dict]:
             # how prompts, loss and answers were made (task.protocol): reft, or llm_adapters (the
             # protocol of the paper's quoted LoRA/DoRA numbers); None for a row that was not run
             "protocol": "+".join(sorted(protocols)) if protocols else None,
+            "sparsity": sparsity, "speedup": speedup,
         })
     return out
+
+
+def _compression(runs: list[dict]) -> tuple[float | None, float | None]:
+    """Methods that remove weights (FineGates): the share of the model's parameters removed (the compressed
+    checkpoint's, else the measured gates' cascade-aware count; never the target) and the inference speed-up
+    dense/compressed, each a mean over seeds; None for other methods."""
+    shares, speedups = [], []
+    for r in runs:
+        c, m = r.get("compressed") or {}, r.get("method_report") or {}
+        if c.get("params_dense"):
+            shares.append(100 * c["params_removed_total"] / c["params_dense"])
+        elif m.get("sparsity_cascade_model") is not None:
+            shares.append(100 * m["sparsity_cascade_model"])
+        if (c.get("timing") or {}).get("speedup"):
+            speedups.append(c["timing"]["speedup"])
+    return (statistics.mean(shares) if shares else None), (statistics.mean(speedups) if speedups else None)
 
 
 def one_decimal(x: float) -> str:
@@ -280,7 +299,8 @@ def duration(seconds: float) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
-def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool = False) -> dict[str, str]:
+def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool = False,
+          has_sparsity: bool = False) -> dict[str, str]:
     if r["mean"] is None:
         score = "judged offline" if r["judged_offline"] else GAP
     else:
@@ -299,6 +319,11 @@ def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool 
     text.update({
         "trainable params": f"{r['trainable']:,}" if r["trainable"] is not None else GAP,
         "% params": f"{r['params_percent']:.4f}%" if r["params_percent"] is not None else GAP,
+    })
+    if has_sparsity:
+        text["removed"] = f"{r['sparsity']:.1f}%" if r.get("sparsity") is not None else GAP
+        text["speed-up"] = f"{r['speedup']:.2f}×" if r.get("speedup") is not None else GAP
+    text.update({
         "train time": duration(r["train_seconds"]) if r["train_seconds"] is not None else GAP,
         "peak memory": memory or GAP,
     })
@@ -310,7 +335,8 @@ def _texts(table_rows: list[dict]) -> list[dict[str, str]]:
     has_paper = any(r["paper"] is not None for r in table_rows)
     has_frozen = any(r["frozen"] is not None for r in table_rows)
     has_protocol = any(r.get("protocol") not in (None, "reft") for r in table_rows)  # else all ReFT's
-    return [_text(r, has_paper, has_frozen, has_protocol) for r in table_rows]
+    has_sparsity = any(r.get("sparsity") is not None for r in table_rows)  # only methods that remove weights
+    return [_text(r, has_paper, has_frozen, has_protocol, has_sparsity) for r in table_rows]
 
 
 def markdown(table_rows: list[dict]) -> str:
@@ -322,7 +348,7 @@ def markdown(table_rows: list[dict]) -> str:
 
 
 CSV_COLUMNS = ["model", "method", "task", "mean", "std", "n", "paper", "diff", "frozen", "trainable",
-               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol"]
+               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol", "sparsity", "speedup"]
 
 
 def to_csv(table_rows: list[dict]) -> str:
@@ -331,7 +357,7 @@ def to_csv(table_rows: list[dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in table_rows:
-        w.writerow(["" if r[k] is None else (round(r[k], 4) if isinstance(r[k], float) else r[k])
+        w.writerow(["" if r.get(k) is None else (round(r[k], 4) if isinstance(r[k], float) else r[k])
                     for k in CSV_COLUMNS])
     return buf.getvalue()
 
@@ -340,7 +366,7 @@ def _tex_escape(s: str) -> str:
     s = s.replace("\\", r"\textbackslash{}")
     for ch in "&%$#_{}":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
+    return s.replace("×", r"$\times$").replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
 
 
 def latex(table_rows: list[dict], caption: str = "") -> str:

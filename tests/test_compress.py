@@ -1,0 +1,318 @@
+"""Compression (spec §3.2): the shrunk model computes the gated model's eval forward, per layer and end to
+end, with the fused MLP, V→O, Q/K and RoPE-pair rules; it saves and loads; bad input is one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_bert, tiny_llama
+from reftbench import compress, methods
+from reftbench.compress import plan as plan_mod
+from reftbench.errors import ConfigError
+
+TOL = 1e-5
+
+
+def gated(model, seed=0, mean=0.4, std=1.0, **kw):
+    """A FineGates method with random logits: a mix of closed, fractional and open gates."""
+    m = methods.build({"name": "finegates", **kw}, model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + mean)
+    m.eval()
+    return m
+
+
+def inputs(seed=0, batch=3, length=11):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(4, 90, (batch, length), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding in one row
+    return x, mask
+
+
+def forward(model, x, mask):
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=mask, output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
+def test_compressed_equals_gated_per_layer_and_end_to_end_llama():
+    model = tiny_llama().model
+    m = gated(model)
+    x, mask = inputs()
+    ref_logits, ref_hidden = forward(model, x, mask)
+    info = compress.shrink(m)
+    logits, hidden = forward(model, x, mask)
+    keep = mask.bool()
+    for i, (a, b) in enumerate(zip(ref_hidden, hidden)):  # every block's output
+        assert (a - b)[keep].abs().max() < TOL, f"layer {i}"
+    assert (ref_logits - logits)[keep].abs().max() < TOL
+    assert info["params_compressed"] < info["params_dense"]
+    assert info["removed_cascade"] >= info["removed_per_layer"] > 0
+
+
+def test_compressed_equals_gated_bert_with_biases():
+    model = tiny_bert()
+    m = gated(model, seed=1)
+    with torch.no_grad():  # trained biases are part of what is folded
+        for b in m.biases.values():
+            b.add_(0.1)
+    x, mask = inputs()
+    ref_logits, ref_hidden = forward(model, x, mask)
+    compress.shrink(m)
+    logits, hidden = forward(model, x, mask)
+    for a, b in zip(ref_hidden, hidden):
+        assert (a - b).abs().max() < TOL
+    assert (ref_logits - logits).abs().max() < TOL
+
+
+def _one_block_plan(model, m):
+    return plan_mod.plans(m)[0]
+
+
+def test_fused_mlp_keeps_a_unit_only_if_open_in_every_reader_and_writer():
+    model = tiny_llama().model
+    m = gated(model, mean=5.0, std=0.0)  # everything open
+    with torch.no_grad():
+        m.gates["0-mlp-gate_proj"].rows.logits[0:5] = -5   # units 0-4 dead through gate
+        m.gates["0-mlp-up_proj"].rows.logits[10:13] = -5    # 10-12 through up
+        m.gates["0-mlp-down_proj"].cols.logits[20:22] = -5  # 20-21 through down
+        m.gates["0-mlp-up_proj"].cols.logits[:8] = -5       # 8 input columns of up_proj gathered away
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.shrink(m)
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_proj.weight.shape == (128 - 10, 64) and mlp.down_proj.weight.shape == (64, 118)
+    assert mlp.up_proj.weight.shape == (118, 56) and mlp.up_proj.in_index is not None
+    assert mlp.gate_proj.in_index is None and mlp.down_proj.out_index is None  # nothing to gather/scatter
+    assert model.model.layers[1].mlp.gate_proj.weight.shape == (128, 64)
+    assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+def test_value_dims_go_with_their_output_columns():
+    model = tiny_llama().model  # 4 query heads, 2 kv heads, head_dim 16: heads 0,1 share kv head 0
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        m.gates["0-self_attn-v_proj"].rows.logits[0:3] = -5      # kv head 0, dims 0-2
+        m.gates["0-self_attn-o_proj"].cols.logits[16 + 5] = -5   # head 1 dim 5 only: head 0 still reads it
+        m.gates["0-self_attn-o_proj"].cols.logits[6] = -5        # head 0 dim 6 ...
+        m.gates["0-self_attn-o_proj"].cols.logits[16 + 6] = -5   # ... and head 1 dim 6: value dim 6 is dead
+        m.gates["0-self_attn-v_proj"].rows.logits[16:26] = -5    # kv head 1 loses 10 dims
+    p = _one_block_plan(model, m)
+    assert p.v[0] == [d for d in range(16) if d not in (0, 1, 2, 6)] and len(p.v[1]) == 6
+    assert p.m_v == 12  # padded to the widest kv head
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.shrink(m)
+    att = model.model.layers[0].self_attn
+    assert att.v_proj.weight.shape == (2 * 12, 64) and att.o_proj.weight.shape == (64, 4 * 12)
+    assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+def test_qk_dims_without_rope_drop_singly_and_keep_the_original_scale():
+    model = tiny_bert()  # 4 heads of 8 dims, no RoPE
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        m.gates["0-attention-self-query"].rows.logits[[0, 1, 2]] = -5   # head 0: q dims 0-2
+        m.gates["0-attention-self-key"].rows.logits[[3, 8 + 1]] = -5    # head 0 dim 3, head 1 dim 1
+    p = _one_block_plan(model, m)
+    assert p.qk[0] == [4, 5, 6, 7] and p.qk[1] == [0, 2, 3, 4, 5, 6, 7] and p.m_qk == 8
+    with torch.no_grad():  # now every head loses at least 2 dims
+        for h in range(4):
+            m.gates["0-attention-self-key"].rows.logits[[8 * h + 6, 8 * h + 7]] = -5
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.shrink(m)
+    att = model.bert.encoder.layer[0].attention.self
+    assert att.m_qk == 6 and att.query.weight.shape == (4 * 6, 32)
+    assert att.scaling == pytest.approx(8 ** -0.5)
+    assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+def _close_single_rotary_dims(m):
+    with torch.no_grad():  # in every q head of kv head 0: dims 0..3 closed, their partners 8..11 open
+        for h in (0, 1):
+            m.gates["0-self_attn-q_proj"].rows.logits[16 * h: 16 * h + 4] = -5
+        m.gates["0-self_attn-k_proj"].rows.logits[[5, 13]] = -5  # a whole pair of kv head 0 (5, 5 + 8)
+        m.gates["0-self_attn-k_proj"].rows.logits[16 + 2] = -5   # kv head 1: dim 2 alone
+
+
+def test_rope_dims_go_in_pairs_and_the_result_is_exact():
+    model = tiny_llama().model
+    m = gated(model, mean=5.0, std=0.0)
+    _close_single_rotary_dims(m)
+    p = _one_block_plan(model, m)
+    assert p.qk[0] == [0, 1, 2, 3, 4, 6, 7]  # pairs (d, d+8): only pair 5 is dead (its k is closed in full)
+    assert p.qk[1] == list(range(8)) and p.m_qk == 16
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.shrink(m)
+    assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+def test_dropping_single_rotary_dims_breaks_equality(monkeypatch):
+    model = tiny_llama().model
+    m = gated(model, mean=5.0, std=0.0)
+    _close_single_rotary_dims(m)
+    with torch.no_grad():  # close every q dim 0..7 but leave partners: single-dim dropping would remove them
+        for h in range(4):
+            m.gates["0-self_attn-q_proj"].rows.logits[16 * h: 16 * h + 8] = -5
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    # the wrong rule: treat q/k dims as independent (as without RoPE), keeping the rotation of what is left
+    real_plan = plan_mod.layer_plan
+
+    def single_dims(arch, n, kv, hd, gates):
+        from dataclasses import replace
+        p = real_plan(replace(arch, rope=False), n, kv, hd, gates)
+        p.rope = False
+        return p
+    monkeypatch.setattr(plan_mod, "layer_plan", single_dims)
+    compress.shrink(m)
+    wrong = (forward(model, x, mask)[0] - ref).abs().max()
+    assert wrong > 1e-3  # zeroing q_d before RoPE does not zero the rotated q_d
+
+
+def test_pair_rule_passes_where_single_dims_fail():
+    model = tiny_llama().model
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        for h in range(4):
+            m.gates["0-self_attn-q_proj"].rows.logits[16 * h: 16 * h + 8] = -5
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.shrink(m)
+    assert model.model.layers[0].self_attn.m_qk == 16  # no pair is dead in full: nothing dropped
+    assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+def test_accounting_matches_numel_of_the_shrunk_matrices():
+    from reftbench.compress import _compact
+    w, b = torch.randn(7, 5), torch.randn(7)
+    rows, cols = [0, 2, 3, 4, 6], [1, 2, 3, 4]
+    lin = _compact(w, b, rows, cols, gather=True, scatter=True, dtype=torch.float32)
+    assert w.numel() - lin.weight.numel() == 15 == 7 * 5 - len(rows) * len(cols)
+    x = torch.randn(3, 5)
+    x_zeroed = x.clone()
+    x_zeroed[:, 0] = 0
+    full = torch.zeros(3, 7)
+    full[:, rows] = (x_zeroed @ w.T + b)[:, rows]
+    assert torch.allclose(lin(x), full, atol=1e-6)
+
+
+def test_report_counts_both_ways_as_shares_of_the_model_and_the_gated_weights():
+    model = tiny_llama().model
+    m = gated(model)
+    rep = m.report()
+    info = compress.shrink(m)
+    assert info["removed_per_layer"] == rep["removed_per_layer"]
+    assert info["removed_cascade"] == rep["removed_cascade"]
+    assert info["removed_per_layer_share_model"] == pytest.approx(rep["removed_per_layer"] / info["params_dense"])
+    assert info["removed_cascade_share_gated"] == pytest.approx(rep["removed_cascade"] / info["gated_weights"])
+    # every removed weight element is gone from the model's parameter count (padding kept, biases included)
+    assert info["params_dense"] - info["params_compressed"] >= info["removed_cascade"] - 4 * 64 * 16 * 4
+
+
+def test_save_and_load_give_a_working_model_with_generation(tmp_path):
+    loaded = tiny_llama()
+    model = loaded.model
+    m = gated(model, seed=3)
+    x = torch.randint(4, 90, (2, 6))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        ref_gen = model.generate(input_ids=x, max_new_tokens=5, do_sample=False)
+    info = compress.shrink(m)
+    out = compress.save(model, loaded.tokenizer, tmp_path / "c", info)
+    again, tok = compress.load(out, tokenizer=True)
+    assert type(again).__name__ == "LlamaForCausalLM" and tok is not None
+    with torch.no_grad():
+        assert (again(input_ids=x).logits - ref).abs().max() < TOL
+        assert torch.equal(again.generate(input_ids=x, max_new_tokens=5, do_sample=False), ref_gen)
+    shapes = {tuple(s["linears"]["q"].values())[:2] for s in json.loads((out / "compress.json").read_text())["layers"]}
+    assert len(shapes) > 1  # layers of different sizes
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_bert_save_and_load(tmp_path):
+    model = tiny_bert()
+    m = gated(model, seed=4)
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.save(model, None, tmp_path / "c", compress.shrink(m))
+    again = compress.load(tmp_path / "c")
+    assert (forward(again, x, mask)[0] - ref).abs().max() < TOL
+
+
+def test_load_of_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="not a compressed checkpoint"):
+        compress.load(tmp_path)
+
+
+def _cli(*args, cwd):
+    exe = Path(sys.executable).with_name("reftbench-compress")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "reftbench.compress.cli"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _reftbench(*args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    return subprocess.run([sys.executable, "-c", "from reftbench.cli import main; main()", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+GLUE = Path(__file__).resolve().parent / "fixtures" / "glue" / "SST-2"
+TINY_GLUE = ["model=tiny-random-bert", "task=sst2", f"task.data_dir={GLUE}", "trainer.max_steps=3",
+             "task.train_limit=16", "trainer.batch_size=4", "eval_batch_size=8"]
+
+
+def test_a_run_with_compress_true_records_an_identical_score_and_the_cli_compresses_it(tmp_path):
+    run = tmp_path / "run"
+    res = _reftbench(*TINY_GLUE, "intervention=finegates", "intervention.init_mean=-0.5", "compress=true",
+                     f"hydra.run.dir={run}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads((run / "result.json").read_text())
+    c = rec["compressed"]
+    assert c["metrics"]["score"] == rec["metrics"]["trained"]["score"]
+    assert Path(c["dir"]) == run / "compressed" and (run / "compressed" / "model.safetensors").is_file()
+    assert rec["method_report"]["closed_rows"] + rec["method_report"]["closed_cols"] > 0
+    res = _cli(str(run), "--out", str(tmp_path / "again"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "again" / "compress.json").read_text())["params_compressed"] == c["params_compressed"]
+
+
+def test_bad_compress_input_is_one_line_and_writes_nothing(tmp_path):
+    res = _cli(str(tmp_path / "nope"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no result.json" in res.stderr
+    run = tmp_path / "lora"  # a finished run of another method: only its record is read
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"config": {"intervention": {"name": "lora"}}}))
+    res = _cli(str(run), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 2 and "only finegates" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    res = _reftbench(*TINY_GLUE, "intervention=lora", "compress=true", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
+    assert res.returncode == 2 and "compress=true" in res.stderr and not (tmp_path / "r2" / "result.json").exists()
+
+
+def test_tied_embeddings_survive_save_and_load(tmp_path):
+    from omegaconf import OmegaConf
+    from reftbench import models
+    from conftest import ROOT
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny-random-llama.yaml")
+    cfg.architecture.tie_word_embeddings = True  # as SmolLM2: the LM head is the input embedding
+    loaded = models.load(cfg)
+    model = loaded.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    m = gated(model, seed=5)
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.save(model, loaded.tokenizer, tmp_path / "c", compress.shrink(m))
+    again = compress.load(tmp_path / "c")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert (forward(again, x, mask)[0] - ref)[mask.bool()].abs().max() < TOL

@@ -1,0 +1,284 @@
+"""FineGates: the spec's §6 invariants on tiny random models (../shared/specs/finegates.md)."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, tiny_bert, tiny_llama
+from reftbench import methods
+from reftbench.errors import ConfigError
+from reftbench.methods.finegates import GatePair, GateVector, layer_penalty, removed_per_layer
+from reftbench.run import plan, plan_line
+from reftbench.train import answer_loss
+
+CONF = ROOT / "conf"
+THRESHOLD = math.atanh(0.5)  # 0.549306: g = 0 at θ <= -it, g = 1 at θ >= it
+
+
+def fg(model, name="finegates", **kw):
+    return methods.build({"name": name, **kw}, model)
+
+
+def set_logits(method, value=None, fn=None):
+    with torch.no_grad():
+        for p in method.gates.parameters():
+            p.copy_(fn(p) if fn else torch.full_like(p, value))
+
+
+def batch_for(tok):
+    enc = tok(["12 + 7 = 19", "a b c d e f"], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def vector(values):
+    v = GateVector(len(values), 0.0, 0.0, None)
+    with torch.no_grad():
+        v.logits.copy_(torch.tensor(values, dtype=torch.float32))
+    return v
+
+
+# ---- gates and regulariser ------------------------------------------------------------------
+
+def test_identity_at_init_is_bit_for_bit():
+    for model in (tiny_llama().model, tiny_bert()):
+        x = torch.randint(4, 90, (2, 7))
+        with torch.no_grad():
+            ref = model(input_ids=x).logits
+        m = fg(model)
+        set_logits(m, 1.0)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=x).logits, ref)
+
+
+def test_eval_is_deterministic_train_is_noisy_and_sigma_zero_is_not():
+    model = tiny_llama().model
+    x = torch.randint(4, 90, (2, 7))
+    m = fg(model)
+    set_logits(m, 0.0)  # μ = 0: gates at 0.5, so noise shows
+    with torch.no_grad():
+        m.eval()
+        a, b = model(input_ids=x).logits, model(input_ids=x).logits
+        assert torch.equal(a, b)
+        m.train()
+        c, d = model(input_ids=x).logits, model(input_ids=x).logits
+        assert not torch.equal(c, d)
+        m.config.noise_std = 0.0
+        e, f = model(input_ids=x).logits, model(input_ids=x).logits
+        assert torch.equal(e, f) and torch.equal(e, a)
+    assert model.training is False  # the base model itself stays in eval mode
+
+
+def test_keep_probability_reference_values():
+    p = vector([1.0, 0.0, -THRESHOLD, 50.0, -50.0]).keep_prob(0.5)
+    assert p.tolist() == pytest.approx([0.994185, 0.841345, 0.5, 0.998650, 0.158655], abs=1e-6)
+
+
+def layer(rows, cols):
+    pair = GatePair(torch.nn.Linear(len(cols), len(rows)), methods.finegates.FineGatesConfig(name="finegates"))
+    pair.rows, pair.cols = vector(rows), vector(cols)
+    return pair
+
+
+ROWS = [1, -1, 0.2, -0.3, 0, -0.56, 3]
+COLS = [-2, 0.1, 1, -0.549, 0.6]
+
+
+def test_layer_penalty_reference_values():
+    assert float(layer_penalty(layer([1.0] * 7, [1.0] * 5), 0.6, 0.5)) == pytest.approx(0.394185, abs=1e-6)
+    assert float(layer_penalty(layer([0.0] * 7, [0.0] * 5), 0.6, 0.5)) == pytest.approx(0.241345, abs=1e-6)
+    pair = layer(ROWS, COLS)
+    assert float(pair.rows.keep_prob(0.5).mean()) == pytest.approx(0.744064, abs=1e-6)
+    assert float(pair.cols.keep_prob(0.5).mean()) == pytest.approx(0.707365, abs=1e-6)
+    assert float(layer_penalty(pair, 0.6, 0.5)) == pytest.approx(0.125714, abs=1e-6)
+
+
+def test_eval_gate_thresholds_and_the_example():
+    g = vector([-THRESHOLD - 1e-4, -THRESHOLD + 1e-4, THRESHOLD - 1e-4, THRESHOLD + 1e-4]).gates()
+    assert g[0] == 0 and 0 < g[1] < 1 and 0 < g[2] < 1 and g[3] == 1
+    pair = layer(ROWS, COLS)
+    assert pair.rows.gates().tolist() == pytest.approx([1, 0, 0.6974, 0.2087, 0.5, 0, 1], abs=1e-4)
+    assert pair.cols.gates().tolist() == pytest.approx([0, 0.5997, 1, 0.0002, 1], abs=1e-4)
+
+
+def test_authors_count_on_the_example():
+    pair = layer(ROWS, COLS)
+    assert removed_per_layer(pair.rows.gates(), pair.cols.gates()) == 7 * 5 - 5 * 4 == 15
+
+
+def test_saturated_gates_get_no_task_gradient_but_a_penalty_gradient():
+    loaded = tiny_llama()
+    m = fg(loaded.model, noise_std=0.0)
+    set_logits(m, 1.0)
+    m.train()
+    batch = batch_for(loaded.tokenizer)
+    with m.context(batch):
+        loss = answer_loss(loaded.model, batch)
+    grads = torch.autograd.grad(loss, list(m.gates.parameters()), allow_unused=True)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    reg_grads = torch.autograd.grad(m.loss_term(), list(m.gates.parameters()))
+    assert all(torch.count_nonzero(g) == g.numel() for g in reg_grads)
+
+
+def test_open_gates_below_saturation_get_task_gradient():
+    loaded = tiny_llama()
+    m = fg(loaded.model, noise_std=0.0)
+    set_logits(m, 0.2)
+    batch = batch_for(loaded.tokenizer)
+    m.train()
+    with m.context(batch):
+        loss = answer_loss(loaded.model, batch)
+    grads = torch.autograd.grad(loss, list(m.gates.parameters()))
+    assert all(torch.count_nonzero(g) > 0 for g in grads)
+
+
+def test_lora_variant_starts_as_identity_and_shares_one_noise_draw():
+    model = tiny_llama().model
+    x = torch.randint(4, 90, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    m = fg(model, "finegates_lora", rank=2, alpha=2.0)
+    set_logits(m, 1.0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, ref)  # B = 0
+        for ad in m.adapters.values():
+            ad.B.normal_()
+        set_logits(m, 0.0)
+        m.train()
+        torch.manual_seed(3)
+        gated = model(input_ids=x).logits
+        # the same forward by hand: each layer's rows/cols drawn once and applied to W + BA together
+        m.merge()  # eval gates folded: a different function than the noisy one
+        assert not torch.allclose(model(input_ids=x).logits, gated)
+        m.unmerge()
+        torch.manual_seed(3)
+        assert torch.equal(model(input_ids=x).logits, gated)
+
+
+def test_merge_folds_eval_gates_and_unmerge_restores_the_weights():
+    model = tiny_bert()
+    m = fg(model)
+    set_logits(m, fn=lambda p: torch.randn_like(p))
+    m.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(4, 90, (2, 7))
+    with torch.no_grad():
+        gated = model(input_ids=x).logits
+        m.merge()
+        assert torch.allclose(model(input_ids=x).logits, gated, atol=1e-5)
+        assert not torch.equal(model.state_dict()["bert.encoder.layer.0.intermediate.dense.weight"],
+                               before["bert.encoder.layer.0.intermediate.dense.weight"])
+        m.unmerge()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(input_ids=x).logits, gated)
+
+
+# ---- what trains and what is counted ----------------------------------------------------------
+
+def test_trainables_gates_fp32_and_no_bias_created():
+    loaded = tiny_llama(dtype="bfloat16")
+    m = fg(loaded.model)
+    assert all(p.dtype == torch.float32 for p in m.gates.parameters())
+    assert len(m.biases) == 0 and all(l.bias is None for l in m.linears.values())
+    assert m.param_counts()["trainable"] == sum(4 * (l.in_features + l.out_features) for l in list(m.linears.values())[:7])
+    x = torch.randint(4, 90, (1, 5))
+    with torch.no_grad():
+        assert loaded.model(input_ids=x).logits.dtype == torch.bfloat16
+    bert = fg(tiny_bert())
+    assert len(bert.biases) == 3 * 6 and fg(tiny_bert(), train_bias="none").biases is not None
+    assert len(fg(tiny_bert(), train_bias="none").biases) == 0
+
+
+def _plan(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return plan(compose("config", overrides=["dry_run=true", *overrides]))
+
+
+@pytest.mark.parametrize("model,task,gates,biases,percent", [
+    ("roberta-base", "sst2", 165_888, 82_944, "0.133%"),
+    ("roberta-large", "sst2", 442_368, 221_184, "0.124%"),  # the spec rounds the base to 355M: 0.125%
+    ("smollm2-135m", "chain-sum", 305_280, 0, "0.227%"),
+    ("minilm-l6", "sst2", 41_472, 20_736, None),
+])
+def test_dry_run_counts_match_the_spec(model, task, gates, biases, percent):
+    p = _plan(f"model={model}", f"task={task}", "intervention=finegates")
+    assert p["params"]["parts"].get("gates") == gates
+    assert p["params"]["parts"].get("biases", 0) == biases
+    assert p["params"]["trainable"] == gates + biases
+    line = plan_line(p)
+    assert f"gates {gates:,}" in line and (percent is None or f"gates {gates:,} ({percent})" in line)
+
+
+def test_training_moves_gates_and_biases_and_leaves_base_weights_bit_for_bit():
+    from reftbench.data import collate_classification
+    from reftbench.train import train
+    model = tiny_bert()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("bias")}
+    m = fg(model, lr=5e-2)
+    gates0 = {k: v.clone() for k, v in m.gates.state_dict().items()}
+    bias0 = {k: v.detach().clone() for k, v in m.biases.items()}
+    torch.manual_seed(0)
+    examples = [{"input_ids": torch.randint(4, 90, (6,)).tolist(), "label": i % 2, "prompt_length": 6} for i in range(16)]
+
+    def loss_fn(mdl, batch):
+        logits = mdl(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+    cfg = OmegaConf.create({"lr": 1e-3, "batch_size": 4, "grad_accum": 1, "max_length": 16, "epochs": 1,
+                            "max_steps": 6, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0})
+    train(model, m, examples, cfg, lambda ex: collate_classification(ex, 0), loss_fn, seed=0)
+    for n, p in model.named_parameters():
+        if n in weights:
+            assert torch.equal(p, weights[n]), n
+    assert all(not torch.equal(gates0[k], v) for k, v in m.gates.state_dict().items())
+    assert all(not torch.equal(bias0[k], v) for k, v in m.biases.items())
+    rep = m.report()
+    assert rep["regulariser"] == pytest.approx(float(m.regulariser())) and rep["fractional_gates"] >= 0
+    assert "target_sparsity" not in rep
+
+
+def test_report_measures_the_eval_gates_not_the_target():
+    model = tiny_llama().model
+    m = fg(model, target_sparsity=0.4)
+    set_logits(m, 1.0)
+    rep = m.report()
+    assert rep["closed_rows"] == rep["closed_cols"] == rep["removed_per_layer"] == rep["fractional_gates"] == 0
+    with torch.no_grad():
+        m.gates["0-mlp-up_proj"].rows.logits[:10] = -1.0   # 10 hidden units closed in up_proj
+        m.gates["0-mlp-gate_proj"].cols.logits[:3] = 0.0   # 3 fractional columns
+    rep = m.report()
+    assert rep["closed_rows"] == 10 and rep["fractional_gates"] == 3
+    assert rep["removed_per_layer"] == 10 * 64
+    # cascade: the 10 units are dead in gate_proj rows and down_proj columns too
+    assert rep["removed_cascade"] == 3 * 10 * 64
+
+
+def test_shipped_yaml_builds():
+    for name in ("finegates", "finegates_lora"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=[f"intervention={name}"])
+        m = methods.build(cfg.intervention, tiny_llama().model)
+        assert m.config.sparsity_weight == 50 and m.config.target_sparsity == 0.4
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target_sparsity=1.0), "target_sparsity"),
+    (dict(target_sparsity=-0.1), "target_sparsity"),
+    (dict(sparsity_weight=-1), "sparsity_weight"),
+    (dict(noise_std=-0.1), "noise_std"),
+    (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
+    (dict(train_bias="all"), "train_bias"),
+])
+def test_bad_options_are_one_clear_line(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        fg(tiny_llama().model, **kw)
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ConfigError, match="not supported"):
+        fg(model)
