@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install browser demo test test-all bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-mini
 
-install: $(STAMP) browser
+install: $(STAMP)
 
 # The results page's test drives a real headless browser: Debian's chromium and its driver (quick when
 # already there; without root or apt the browser test is skipped, nothing else needs them).
@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/reftbench
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -q
 
 bench: install

@@ -67,7 +67,7 @@ def test_page_is_self_contained_and_escapes_result_strings(tmp_path):
 def _browser():
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("needs Debian's chromium and chromium-driver (make install adds them)")
+        pytest.skip("needs Debian's chromium and chromium-driver (`make test` installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()

@@ -78,9 +78,15 @@ NUMERIC = {"score": "mean", "seeds": "n", "paper": "paper", "Δ": "diff", "froze
            "peak memory": "peak_rss_gib"}
 
 
-def _cell(text: str, sort=None, cls: str = "") -> str:
-    attrs = f' data-sort="{escape(repr(float(sort)) if isinstance(sort, (int, float)) else "")}"' if sort is not False else ""
-    return f"<td{attrs}{f' class={cls!r}' if cls else ''}>{escape(str(text))}</td>"
+def _sort_attr(sort) -> str:
+    """The number a cell sorts by: a gap (None) sorts last; False: the cell sorts by its text."""
+    if sort is False:
+        return ""
+    return f' data-sort="{"" if sort is None else repr(float(sort))}"'
+
+
+def _cell(text: str, sort=False, cls: str = "") -> str:
+    return f"<td{_sort_attr(sort)}{f' class={cls}' if cls else ''}>{escape(str(text))}</td>"
 
 
 def results_table(table_rows: list[dict], table_id: str) -> str:
@@ -113,10 +119,9 @@ def breakdown_table(table_rows: list[dict], table_id: str) -> str:
             try:
                 sort = float(ours)
             except ValueError:
-                sort = "" if i >= 2 else False
+                sort = None if i >= 2 else False  # a gap in a number column; model and method sort as text
             inner = escape(ours) + (f' <span class=paper>({escape(paper)}</span>' if paper else "")
-            attr = f' data-sort="{escape(repr(sort) if isinstance(sort, float) else "")}"' if sort is not False else ""
-            cells.append(f"<td{attr}>{inner}</td>")
+            cells.append(f"<td{_sort_attr(sort)}>{inner}</td>")
         lines.append(f"<tr>{''.join(cells)}</tr>")
     return (f'<div class=scroll><table id="{table_id}" class=sortable><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(lines)}</tbody></table></div>')
