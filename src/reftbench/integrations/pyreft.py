@@ -22,6 +22,7 @@ import transformers
 
 from ..atomic import atomic_path
 from ..errors import ConfigError
+from ..interventions import HouseholderRows, householder_map, householder_state
 from ..record import write_json_atomic
 
 # pyreft class -> our intervention name (reftbench.interventions)
@@ -75,7 +76,7 @@ def read_bin(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path} is not a plain tensor file (refused to unpickle it with weights_only=False): {first}") from None
+        raise ConfigError(f"{path} is not a plain tensor file, and reftbench reads pyreft files with weights_only=True only: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} does not hold a state dict of tensors")
     return state
@@ -103,7 +104,6 @@ def to_ours(name: str, state: dict, where: str = "") -> dict:
 
 def to_pyreft(name: str, iv) -> "OrderedDict[str, torch.Tensor]":
     """Our intervention -> the state_dict pyreft's class of the same formula saves."""
-    from ..interventions import HouseholderRows, householder_state
     ours = {k: v.detach() for k, v in iv.state_dict().items()}
     out = OrderedDict()
     if name == "loreft":  # LoreftIntervention overrides state_dict: {weight, bias, rotate_layer = Rᵀ}
@@ -188,7 +188,6 @@ def load(path, model, positions: str | None = None, **options):
 
 
 def _load_state(method, state: dict, path) -> None:
-    from ..interventions import householder_map
     for k in [k for k in state if k.endswith(".rotation.X")]:
         rot = method.get_submodule(k[: -len(".X")])
         if not hasattr(rot, "X"):  # the QR map (orthogonal_map=qr): load the effective R
