@@ -130,10 +130,15 @@ def frozen_score(cfg, model, objective, records, compute) -> tuple[dict, dict]:
     return entry["metrics"], {"from": "cache", "file": str(path)}
 
 
+# Every task field that can change how a record becomes tokens (the records themselves are digested).
+ENCODING_FIELDS = ("name", "version", "kind", "protocol", "template", "input_template", "target",
+                   "train_template", "train_input_template", "loss_on_prompt", "options")
+
+
 def tokens_key(objective, records) -> dict:
     task = objective.task
     return {"tokenizer": tokenizer_fingerprint(objective.tok), "objective": type(objective).__name__,
-            "task": {k: getattr(task, k) for k in ("name", "version", "kind", "template", "input_template", "target")},
+            "task": {k: getattr(task, k) for k in ENCODING_FIELDS},
             "max_length": int(objective.max_length), "records": digest(records), "versions": _versions()}
 
 
