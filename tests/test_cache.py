@@ -116,3 +116,20 @@ def test_cached_examples_read_back_exactly(tmp_path, examples):
     cache._save_examples(tmp_path / "x.npz", examples)
     assert cache._load_examples(tmp_path / "x.npz") == examples
     assert cache._load_examples(tmp_path / "missing.npz") is None
+
+
+def test_the_token_cache_key_covers_every_encoding_setting():
+    """Tokens made with the loss on the prompt (LLM-Adapters) or another training template must never be
+    handed to a run that encodes differently, even where the prompt template is the same."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from reftbench import tasks
+    from reftbench.cache import tokens_key
+    from reftbench.models import char_tokenizer
+    task = tasks.build(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / "boolq.yaml"))
+    key = lambda t: tokens_key(SimpleNamespace(task=t, tok=char_tokenizer(), max_length=64), [{"x": 1}])
+    base = key(task)
+    for change in ({"loss_on_prompt": True}, {"train_template": "{instruction} {answer}"}, {"protocol": "llm_adapters"}):
+        assert key(dataclasses.replace(task, **change)) != base, change

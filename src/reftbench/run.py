@@ -153,7 +153,7 @@ def _run(cfg, out_dir: Path) -> dict:
             ids = {id(p) for p in head}
             save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids},
                       str(out_dir / "intervention" / "head.safetensors"))
-    if task.metric == "alpaca_eval" and main:  # open-ended answers are judged offline by `alpaca_eval`
+    if task.judged_offline and main:  # open-ended answers are judged offline by `alpaca_eval`
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
         metrics["trained"] = {"alpaca_eval_outputs": str(path), "n": len(outputs)}
