@@ -25,7 +25,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", HF_HUB
 OVERRIDES = ["model=tiny-random-bert", "task=sst2", f"task.data_dir={GLUE}", "trainer.epochs=3",
              "trainer.batch_size=1", "trainer.grad_accum=2", "trainer.lr=1e-2", "trainer.warmup_ratio=0.2",
              "trainer.save_every=1", "intervention.positions=f1", "intervention.rank=2", "intervention.dropout=0.1",
-             "eval_frozen=false"]
+             "eval_frozen=false", "trainer.keep_checkpoints=true"]
 
 
 def cfg(*extra):
@@ -41,8 +41,12 @@ def killed(out_dir, kill_at, when):
 
 
 def weights(out_dir):
+    """The saved weights (model selection's best epoch) and the last step's trained tensors (the kept
+    final checkpoint), which the steps after the resume produced whatever epoch selection picked."""
+    last = checkpoint.latest(out_dir / "checkpoints")
     return {**load_file(str(out_dir / "intervention" / "weights.safetensors")),
-            **load_file(str(out_dir / "intervention" / "head.safetensors"))}
+            **load_file(str(out_dir / "intervention" / "head.safetensors")),
+            **{f"last.{k}": v for k, v in load_file(str(last / "model.safetensors")).items()}}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +75,8 @@ def test_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterru
     assert got.keys() == expected.keys()
     for k in got:
         assert torch.allclose(got[k], expected[k], atol=1e-6), k
+    assert any(k.startswith("last.") for k in got) and checkpoint.latest(tmp_path / "checkpoints").name.endswith("6")
     assert json.loads((tmp_path / "result.json").read_text())["train"]["resumed_from_step"] == resumed_from
-    assert not (tmp_path / "checkpoints").exists()  # removed once the run finished
 
 
 def test_checkpoints_kept_on_request_and_another_config_starts_afresh(tmp_path):
@@ -82,8 +86,9 @@ def test_checkpoints_kept_on_request_and_another_config_starts_afresh(tmp_path):
     (tmp_path / "result.json").unlink()
     again = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=3"), tmp_path)  # another config
     assert again["train"]["resumed_from_step"] is None and again["train"]["steps"] == 3
-    no_resume = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=3", "resume=false"), tmp_path)
+    no_resume = run(cfg("trainer.keep_checkpoints=false", "trainer.max_steps=3", "resume=false"), tmp_path)
     assert no_resume["train"]["resumed_from_step"] is None
+    assert not (tmp_path / "checkpoints").exists()  # removed once the run finished
 
 
 def test_no_checkpoints_when_switched_off(tmp_path, monkeypatch):
