@@ -254,7 +254,9 @@ for _t, _p, _lr, _ep, _do in [("mnli", "f1", 6e-4, 40, 0.05), ("sst2", "f3", 6e-
 
 def test_every_preset_is_checked():
     # table rows: tests/test_dry_run.py and test_table_rows_agree_with_the_presets; mini: the README run
-    presets = {p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith(("table", "mini_"))}
+    # table rows: test_dry_run.py; FineGates' GLUE presets: test_finegates_presets_compose_for_every_glue_task
+    presets = {p.stem for p in (CONF / "experiment").glob("*.yaml")
+               if not p.stem.startswith(("table", "mini_", "finegates_"))}
     assert presets == set(PAPER)
     for p in (CONF / "experiment").glob("*.yaml"):
         assert p.read_text().startswith("# @package _global_\n"), p.name
@@ -305,3 +307,19 @@ def test_table_rows_agree_with_the_presets(row, preset, tasks_):
             assert a.task.name == b.task.name and a.intervention.name == "loreft"
             assert dict(a.intervention) == dict(b.intervention), (row, t)
             assert dict(a.trainer) == dict(b.trainer), (row, t)
+
+
+@pytest.mark.parametrize("preset", ["finegates_glue_robertabase", "finegates_glue_robertalarge"])
+def test_finegates_presets_compose_for_every_glue_task(preset):
+    """The authors' GLUE defaults (spec section 4.1) reach the method and the loop for each GLUE task."""
+    from reftbench.train import effective_lr
+    gate_defaults = OmegaConf.load(CONF / "intervention" / "finegates.yaml")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for task in ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"):
+            cfg = compose("config", overrides=[f"experiment={preset}", f"task={task}"])
+            assert cfg.task.name == task and cfg.intervention.name == "finegates"
+            assert cfg.model.name == preset.rsplit("_", 1)[1].replace("roberta", "roberta-")
+            for key in ("sparsity_weight", "target_sparsity", "noise_std", "reg_std", "train_bias"):
+                assert cfg.intervention[key] == gate_defaults[key], key
+            assert effective_lr(cfg.trainer, cfg.intervention) == 1e-3
+            assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_length) == (100, 16, 512)
