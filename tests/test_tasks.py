@@ -253,10 +253,9 @@ for _t, _p, _lr, _ep, _do in [("mnli", "f1", 6e-4, 40, 0.05), ("sst2", "f3", 6e-
 
 
 def test_every_preset_is_checked():
-    # table rows: tests/test_dry_run.py and test_table_rows_agree_with_the_presets; mini: the README run
-    # table rows: test_dry_run.py; FineGates' GLUE presets: test_finegates_presets_compose_for_every_glue_task
-    presets = {p.stem for p in (CONF / "experiment").glob("*.yaml")
-               if not p.stem.startswith(("table", "mini_", "finegates_"))}
+    # table rows: tests/test_dry_run.py and test_table_rows_agree_with_the_presets; mini: the README run;
+    # finegates_*: tests/test_finegates.py and test_finegates_presets_compose_for_every_glue_task below
+    presets = {p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith(("table", "mini_", "finegates_"))}
     assert presets == set(PAPER)
     for p in (CONF / "experiment").glob("*.yaml"):
         assert p.read_text().startswith("# @package _global_\n"), p.name

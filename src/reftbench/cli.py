@@ -228,6 +228,7 @@ def main() -> None:
     # one, HF_HUB_OFFLINE=1 skips the hub's retries and an unloadable model is still one line.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # not a line per checkpoint file
     _app()
     if _FAILED:
         print(f"reftbench: error: {len(_FAILED)} job(s) of the sweep could not run: " + "; ".join(_FAILED)

@@ -20,6 +20,9 @@ from .. import architectures as archs
 from ..errors import ConfigError
 
 
+COMPRESSIBLE = {"llama", "mistral", "qwen2", "bert", "roberta"}
+
+
 @dataclass
 class LayerPlan:
     heads: int
@@ -126,8 +129,9 @@ def block_gates(method, gates: dict, layer: int) -> dict:
 
 def plans(method) -> list[LayerPlan]:
     arch = method.arch
-    if arch.family not in ("llama", "bert"):
-        raise ConfigError(f"compression does not support the {arch.family} family")
+    mt = method.model_ref.config.model_type
+    if mt not in COMPRESSIBLE:  # Gemma: its own attention scaling, soft-capping and q/k norms are not rebuilt
+        raise ConfigError(f"compression supports {', '.join(sorted(COMPRESSIBLE))} models, not {mt}")
     n, kv, hd = archs.heads(method.model_ref)
     gates = method.eval_gates()
     return [layer_plan(arch, n, kv, hd, block_gates(method, gates, i))
