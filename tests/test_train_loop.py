@@ -131,10 +131,8 @@ def test_grad_accum_steps_at_each_epoch_end():
     assert lrs == pytest.approx(expected)
 
 
-def test_a_short_last_group_is_the_mean_of_its_micro_batches(monkeypatch):
-    """An epoch's last optimiser step averages the micro-batches it has (here 1 of grad_accum 2): its
-    gradient is that batch's gradient, not half of it."""
-    from reftbench.train import epoch_batches
+def record_step_grads(monkeypatch) -> list:
+    """The flattened gradient each AdamW step sees, in order (AdamW's own step then runs as usual)."""
     grads = []
     real_step = torch.optim.AdamW.step
 
@@ -143,6 +141,14 @@ def test_a_short_last_group_is_the_mean_of_its_micro_batches(monkeypatch):
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return grads
+
+
+def test_a_short_last_group_is_the_mean_of_its_micro_batches(monkeypatch):
+    """An epoch's last optimiser step averages the micro-batches it has (here 1 of grad_accum 2): its
+    gradient is that batch's gradient, not half of it."""
+    from reftbench.train import epoch_batches
+    grads = record_step_grads(monkeypatch)
     last = epoch_batches(6, 2, 0, 0)[-1]
     for ga, keep in ((2, None), (1, last)):
         llama = tiny_llama(layers=2)
@@ -249,14 +255,7 @@ def test_step_wraps_model_and_method():
 def _first_step_grads(name, checkpointing, base_dropout, monkeypatch):
     """The gradient of the first optimiser step, and how often layer 0's attention ran (twice with
     checkpointing: its layer is recomputed during backward)."""
-    grads = []
-    real_step = torch.optim.AdamW.step
-
-    def recording_step(self, *a, **kw):
-        grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    grads = record_step_grads(monkeypatch)
     llama = tiny_llama(layers=2)
     tok = llama.tokenizer
     torch.manual_seed(0)
