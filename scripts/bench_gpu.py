@@ -116,6 +116,7 @@ def measure_inference(args, device, batch):
     import torch
     from reftbench import methods
     from reftbench.data import collate_prompts, to_device
+    from reftbench.methods.base import active
     torch.manual_seed(0)
     model, tok = model_on(args, device)
     method = methods.build(method_cfg("loreft"), model).to(device)
@@ -127,12 +128,8 @@ def measure_inference(args, device, batch):
 
     def forward(intervene):
         def run():
-            with torch.inference_mode(), torch.autocast(**amp):
-                if intervene:
-                    with method.context(batch):
-                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
-                else:
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
+            with torch.inference_mode(), torch.autocast(**amp), active(method if intervene else None, batch):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
         return synced(device, run)
 
     ids = make_batch(tok, args.gen_batch, args.prompt_length, 0, seed=1)["input_ids"]
@@ -144,12 +141,8 @@ def measure_inference(args, device, batch):
                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
 
         def run():
-            with torch.inference_mode(), torch.autocast(**amp):
-                if intervene:
-                    with method.context(prompts):
-                        model.generate(**kw)
-                else:
-                    model.generate(**kw)
+            with torch.inference_mode(), torch.autocast(**amp), active(method if intervene else None, prompts):
+                model.generate(**kw)
         return synced(device, run)
 
     for f in (forward(True), forward(False), generate(True), generate(False)):
