@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from reftbench import methods
 from reftbench.data import collate_train, encode_example
 from reftbench.errors import ConfigError
-from reftbench.models import backbone, char_tokenizer, count_params
+from reftbench.architectures import backbone
+from reftbench.models import char_tokenizer, count_params
 from reftbench.train import answer_loss
 
 from conftest import method_cfg, tiny_bert, tiny_llama

@@ -5,7 +5,7 @@ import torch
 from reftbench import methods
 from reftbench.data import collate_prompts, collate_train, encode_example
 from reftbench.errors import ConfigError
-from reftbench.models import backbone
+from reftbench.architectures import backbone
 from reftbench.positions import Positions
 
 from conftest import method_cfg

@@ -2,7 +2,8 @@
 projections, FFN and heads, and the modules a method targets by default.
 
 Paths are attribute paths relative to one transformer block (e.g. `self_attn.q_proj`); `layers` is
-relative to the backbone (`models.backbone`). A family absent from the table is not supported.
+relative to the backbone (`backbone`). A family absent from the table is not supported. Every module that
+needs to know where something lives asks here; none probes attribute names.
 """
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class Arch:
     family: str
+    kind: str                      # "decoder" (causal LM) or "encoder" (sequence classifier)
     model_types: tuple[str, ...]
     layers: str                    # the block list, from the backbone
     attention: str                 # the module that owns q, k, v (and o on decoders)
@@ -52,7 +54,7 @@ class Arch:
 
 
 LLAMA = Arch(
-    family="llama", model_types=("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text"),
+    family="llama", kind="decoder", model_types=("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text"),
     layers="layers", attention="self_attn",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
     ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj", rope=True,
@@ -60,7 +62,7 @@ LLAMA = Arch(
     finegates_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 BERT = Arch(
-    family="bert", model_types=("bert", "roberta"),
+    family="bert", kind="encoder", model_types=("bert", "roberta"),
     layers="encoder.layer", attention="attention.self",
     q="attention.self.query", k="attention.self.key", v="attention.self.value", o="attention.output.dense",
     ffn_gate=None, ffn_up="intermediate.dense", ffn_down="output.dense", rope=False,
@@ -73,12 +75,31 @@ QK_NORM = {"gemma3_text"}
 
 
 def for_model(model: nn.Module) -> Arch:
-    mt = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    mt = model_type(model)
     for arch in ARCHITECTURES:
         if mt in arch.model_types:
             return arch if mt not in QK_NORM else _with(arch, qk_norm=True)
-    known = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
-    raise ConfigError(f"model type {mt!r} is not supported: reftbench knows {known}")
+    known = "; ".join(f"{a.kind}s {', '.join(a.model_types)}" for a in ARCHITECTURES)
+    raise ConfigError(f"model type {mt!r} is not supported: reftbench handles {known}")
+
+
+def kind(model: nn.Module) -> str:
+    """decoder or encoder; a clear error for a model the table does not know."""
+    return for_model(model).kind
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer stack without the LM or classification head: transformers' own `base_model`
+    (the submodule its `base_model_prefix` names; the model itself when it has no head)."""
+    return getattr(model, "base_model", model)
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
 
 
 def _with(arch: Arch, **kw) -> Arch:
@@ -98,7 +119,7 @@ def put(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    from .models import backbone
+    """The transformer blocks, in order."""
     return get(backbone(model), for_model(model).layers)
 
 

@@ -1,4 +1,4 @@
-"""Load the base model and tokenizer a config names, and find the layers interventions attach to."""
+"""Load the base model and tokenizer a config names (where its parts live: architectures.py)."""
 import importlib.util
 import json
 import logging
@@ -9,13 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import architectures as archs
 from .errors import ConfigError, ReftbenchError
 
 log = logging.getLogger(__name__)
-
-# Llama-family decoders and BERT-style encoders; anything else gets a clear error.
-DECODERS = {"llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2"}
-ENCODERS = {"bert", "roberta"}
 
 
 @dataclass
@@ -31,45 +28,6 @@ def _a(kind: str) -> str:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("REFTBENCH_CACHE", Path.home() / ".cache" / "reftbench"))
-
-
-def model_type(model: nn.Module) -> str:
-    return getattr(model.config, "model_type", type(model).__name__)
-
-
-def check_supported(model: nn.Module) -> str:
-    mt = model_type(model)
-    if mt in DECODERS:
-        return "decoder"
-    if mt in ENCODERS:
-        return "encoder"
-    raise ConfigError(
-        f"model type {mt!r} is not supported: reftbench handles Llama-family decoders "
-        f"({', '.join(sorted(DECODERS))}) and BERT-style encoders ({', '.join(sorted(ENCODERS))})"
-    )
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The transformer stack without the LM or classification head."""
-    for name in ("model", "bert", "roberta"):
-        sub = getattr(model, name, None)
-        if isinstance(sub, nn.Module) and hasattr(sub, "config"):
-            return sub
-    return model
-
-
-def layers(model: nn.Module) -> nn.ModuleList:
-    check_supported(model)
-    bb = backbone(model)
-    if hasattr(bb, "layers"):
-        return bb.layers
-    if hasattr(bb, "encoder") and hasattr(bb.encoder, "layer"):
-        return bb.encoder.layer
-    raise ConfigError(f"cannot find the transformer layers of {type(model).__name__}")
-
-
-def hidden_size(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
 
 
 def count_params(model: nn.Module) -> int:
@@ -262,7 +220,7 @@ def build_meta(cfg, kind: str = "decoder", num_labels: int | None = None) -> nn.
         conf.num_labels = num_labels
     with torch.device("meta"):
         model = _auto_class(kind).from_config(conf)
-    found = check_supported(model)
+    found = archs.kind(model)
     if found != kind:
         raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
                           f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")
@@ -303,7 +261,7 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
             ) from None
     else:
         raise ConfigError(f"model.source={source!r} is unknown: use gguf_package, package, random or hub")
-    found = check_supported(model)
+    found = archs.kind(model)
     if found != kind:
         raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
                           f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")

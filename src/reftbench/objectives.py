@@ -112,7 +112,7 @@ class Classification:
     def head_parameters(self, model):
         """Everything after the encoder layers. RoBERTa's head is dense+tanh+projection; BERT
         splits the same thing into its pooler (dense+tanh on [CLS]) and classifier, so both train."""
-        from .models import backbone
+        from .architectures import backbone
         parts = [getattr(model, "classifier", None) or getattr(model, "score", None),
                  getattr(backbone(model), "pooler", None)]
         return [p for part in parts if part is not None for p in part.parameters()]

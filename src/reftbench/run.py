@@ -106,7 +106,7 @@ def _run(cfg, out_dir: Path) -> dict:
         out_dir = Path(broadcast_object_list([str(out_dir)])[0])
     kind = OBJECTIVES[task.kind]
     loaded = models.load(cfg.model, kind=kind.model_kind, num_labels=task.num_labels, seed=int(cfg.seed), device=device)
-    model, tok = loaded.model.to(device), loaded.tokenizer
+    model, tok = loaded.model, loaded.tokenizer  # already on `device`
     methods.check(cfg.intervention, model)  # bad options fail now, not after the frozen evaluation
     if cfg.get("compress"):
         from .compress import check_compressible

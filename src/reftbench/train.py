@@ -18,7 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import checkpoint, precision
 from .data import to_device
 from .errors import ConfigError
-from .models import backbone
+from .architectures import backbone
 
 log = logging.getLogger("reftbench")
 

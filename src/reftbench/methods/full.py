@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..models import backbone, check_supported
+from ..architectures import backbone, kind
 from .base import Method, MethodConfig, register
 
 
@@ -20,7 +20,7 @@ def body(model: nn.Module) -> nn.Module:
     head is new, always trains, and is not counted (the paper's GLUE tables), so the task's
     classification loop must add the head's parameters to the optimiser itself.
     """
-    return backbone(model) if check_supported(model) == "encoder" else model
+    return backbone(model) if kind(model) == "encoder" else model
 
 
 def key(name: str) -> str:
@@ -30,7 +30,7 @@ def key(name: str) -> str:
 def body_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The body's parameters; an encoder's pooler belongs to the classification head (it is what
     RoBERTa's head calls its dense layer), which the task's loop trains and nobody counts."""
-    encoder = check_supported(model) == "encoder"
+    encoder = kind(model) == "encoder"
     return {n: p for n, p in body(model).named_parameters() if not (encoder and n.startswith("pooler."))}
 
 
@@ -63,7 +63,7 @@ class FullConfig(MethodConfig):
 class FullMethod(BaseWeightsMethod):
     @classmethod
     def check(cls, config: FullConfig, model: nn.Module) -> None:
-        check_supported(model)
+        kind(model)
 
     @classmethod
     def select(cls, model):

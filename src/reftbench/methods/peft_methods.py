@@ -15,7 +15,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import backbone, check_supported
+from .. import architectures as archs
+from ..architectures import backbone
 from .base import Method, MethodConfig, register
 
 ADAPTER = "default"
@@ -29,20 +30,10 @@ class LoraMethodConfig(MethodConfig):
     target_modules: object = "auto"
 
 
-# `auto`: the modules the paper's baselines adapt. LLaMA-style decoders: LLM-Adapters' LoRA setting that
-# ReFT Table 1 quotes; BERT/RoBERTa encoders: the LoRA paper's GLUE setting (query and value).
-AUTO_TARGETS = (["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], ["query", "value"])
-
-
 def resolve_targets(spec, model: nn.Module) -> list[str]:
-    if spec != "auto":
-        return parse_targets(spec)
-    have = _linear_names(model)
-    for targets in AUTO_TARGETS:
-        if set(targets) <= have:
-            return list(targets)
-    raise ConfigError("intervention.target_modules=auto knows LLaMA-style and BERT-style layer names only; "
-                      f"name the layers to adapt, from: {', '.join(sorted(have))}")
+    """`auto`: the modules the paper's baselines adapt, from the architecture table (LLaMA: LLM-Adapters'
+    LoRA setting that ReFT Table 1 quotes; BERT/RoBERTa: the LoRA paper's GLUE setting, query and value)."""
+    return list(archs.for_model(model).lora_targets) if spec == "auto" else parse_targets(spec)
 
 
 def parse_targets(spec) -> list[str]:
@@ -70,7 +61,7 @@ class Lora(Method):
 
     @classmethod
     def check(cls, config: LoraMethodConfig, model: nn.Module) -> None:
-        check_supported(model)
+        archs.kind(model)
         if not isinstance(config.rank, int) or isinstance(config.rank, bool) or config.rank < 1:
             raise ConfigError(f"intervention.rank={config.rank} is out of range: use a positive integer")
         if not (_number(config.alpha) and config.alpha > 0):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import hidden_size, layers as model_layers
+from ..architectures import blocks as model_layers, hidden_size
 from .base import Method, MethodConfig, register
 from .reft import parse_layers
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..interventions import DROPOUT_MODES, HouseholderRows, INTERVENTIONS, ORTHOGONAL, ORTHOGONAL_MAPS
-from ..models import backbone, hidden_size, layers as model_layers
+from ..architectures import backbone, blocks as model_layers, hidden_size
 from ..positions import Positions
 from .base import Method, MethodConfig, register
 
