@@ -240,6 +240,41 @@ def test_training_moves_gates_and_biases_and_leaves_base_weights_bit_for_bit():
     assert "target_sparsity" not in rep
 
 
+@pytest.mark.parametrize("name", ["finegates", "finegates_lora"])
+def test_two_optimiser_groups_as_the_authors(name):
+    """Spec §2.4: gates at lr with no weight decay; biases, LoRA factors and the task head at head_lr
+    with trainer.weight_decay. A zero task gradient and λ = 0 leave only AdamW's decay to move a tensor,
+    so one step shows each group's lr and decay exactly."""
+    from reftbench.data import collate_classification
+    from reftbench.train import train
+    model = tiny_bert()
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.normal_()  # a non-zero head, so its decay shows
+    lora = {"rank": 2} if name == "finegates_lora" else {}
+    m = fg(model, name, sparsity_weight=0.0, head_lr=1e-2, **lora)
+    head = list(model.classifier.parameters())
+    rest = list(m.biases.values()) + (list(m.adapters.parameters()) if m.lora else []) + head
+    before = {id(p): p.detach().clone() for p in m.trainable_parameters() + head}
+    examples = [{"input_ids": [5, 6, 7, 8], "label": i % 2, "prompt_length": 4} for i in range(4)]
+
+    def no_gradient(mdl, batch):
+        return 0.0 * mdl(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
+    cfg = OmegaConf.create({"lr": 0.1, "batch_size": 4, "grad_accum": 1, "max_length": 16, "epochs": 1,
+                            "max_steps": 1, "warmup_ratio": 0.0, "weight_decay": 0.5, "max_grad_norm": 1.0,
+                            "checkpoints": False})
+    stats = train(model, m, examples, cfg, lambda ex: collate_classification(ex, 0), no_gradient, seed=0,
+                  extra_params=head)
+    assert [(g["name"], g["lr"], g["weight_decay"], g["tensors"]) for g in stats["param_groups"]] == [
+        ("gates", 0.1, 0.0, len(list(m.gates.parameters()))), ("head", 1e-2, 0.5, len(rest))]
+    for p in m.gates.parameters():
+        assert torch.equal(p, before[id(p)])  # no decay on gates
+    for p in rest:
+        if before[id(p)].abs().sum() > 0:  # LoRA's B starts at zero: nothing to decay
+            torch.testing.assert_close(p.detach(), before[id(p)] * (1 - 1e-2 * 0.5), rtol=0, atol=1e-7)
+    assert any(before[id(p)].abs().sum() > 0 for p in rest)
+
+
 def test_report_measures_the_eval_gates_not_the_target():
     model = tiny_llama().model
     m = fg(model, target_sparsity=0.4)
@@ -271,6 +306,8 @@ def test_shipped_yaml_builds():
     (dict(noise_std=-0.1), "noise_std"),
     (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
     (dict(train_bias="all"), "train_bias"),
+    (dict(head_lr=-1e-3), "head_lr"),
+    (dict(head_lr="fast"), "head_lr"),
 ])
 def test_bad_options_are_one_clear_line(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -290,6 +327,6 @@ def test_glue_presets_carry_the_authors_defaults(size, model):
         cfg = compose("config", overrides=[f"experiment=finegates_glue_roberta{size}", "task=rte"])
     assert cfg.model.name == model and cfg.task.name == "rte" and cfg.intervention.name == "finegates"
     iv, tr = cfg.intervention, cfg.trainer
-    assert (iv.sparsity_weight, iv.target_sparsity, iv.noise_std, iv.reg_std, iv.lr) == (50, 0.4, 0.1, 0.5, 1e-3)
+    assert (iv.sparsity_weight, iv.target_sparsity, iv.noise_std, iv.reg_std, iv.lr, iv.head_lr) == (50, 0.4, 0.1, 0.5, 1e-3, 1e-3)
     assert (tr.epochs, tr.batch_size, tr.lr, tr.weight_decay, tr.max_length) == (100, 16, 1e-3, 0.0, 512)
     assert cfg.seed == 1948 and cfg.compress is True and iv.train_bias == "gated"

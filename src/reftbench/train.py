@@ -74,6 +74,17 @@ def effective_lr(cfg, method_config) -> float:
     return float(lr)
 
 
+def _groups(groups: list[dict]) -> list[dict]:
+    """A method's parameter groups with each tensor in the first group that names it, empty groups dropped."""
+    seen, out = set(), []
+    for g in groups:
+        params = [p for p in g["params"] if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            out.append(dict(g, params=params))
+    return out
+
+
 def make_accelerator(policy: str, device: str = "auto"):
     """The run's Accelerator. `device`: auto (the GPU when one is visible), cpu, cuda or cuda:N; under
     a distributed launch each process takes the device the launcher gave it."""
@@ -172,10 +183,14 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)  # the last group of an epoch may be short
     total = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total)
-    decay = float(cfg.weight_decay)
-    method_decay = decay if getattr(method.config, "decay", True) else 0.0
+    groups = _groups(method.param_groups(lr, float(cfg.weight_decay), head))
+    if {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
+        raise RuntimeError(f"{type(method).__name__}.param_groups() must hold exactly its trainable parameters "
+                           "and the head's")
     stats = {"lr": lr, "precision": policy, "param_dtypes": precision.dtypes({"method": own, "head": head}),
-             "weight_decay": {"method": method_decay, "head": decay},
+             "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"tensors": len(g["params"])}
+                              for g in groups],
+             "weight_decay": {g["name"]: g["weight_decay"] for g in groups},
              "processes": world, "global_batch": cfg.batch_size * cfg.grad_accum, "total_steps": total,
              "warmup_steps": warmup, "resumed_from_step": None}
     if not params:  # nothing to train (intervention=none on a generation task): the frozen model
@@ -189,14 +204,10 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step_module = Step(model, method, loss_fn)
     prepared = acc.prepare(step_module)
-    ids = {id(p) for p in own}
-    # pyreft never decays intervention weights; a method says so through MethodConfig.decay
-    groups = [{"params": [p for p in params if id(p) in ids], "weight_decay": method_decay},
-              {"params": [p for p in params if id(p) not in ids], "weight_decay": decay}]
     if acc.distributed_type == "FSDP":  # FSDP replaced the tensors: train what it holds (full finetuning)
         params = [p for p in prepared.parameters() if p.requires_grad]
-        groups = [{"params": params, "weight_decay": method_decay}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        groups = [dict(groups[0], params=params)]
+    opt = torch.optim.AdamW(groups, lr=lr)
     sched = get_linear_schedule_with_warmup(opt, warmup, total)
     opt, sched = acc.prepare(opt, sched)
     on = cfg.get("checkpoints", True)

@@ -1,7 +1,7 @@
 """The one interface every method sits behind (peft-style: a config dataclass plus a module).
 
 The runner only ever calls: build(cfg, model), method.trainable_parameters(),
-method.context(batch) around a forward pass, method.loss_term() after it, method.train()/eval(),
+method.param_groups(lr, weight_decay, head), method.context(batch) around a forward pass, method.loss_term() after it, method.train()/eval(),
 method.param_counts(), method.report(), method.save(dir) and load(dir, model). It never branches on which method it holds.
 """
 import dataclasses
@@ -51,6 +51,14 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def param_groups(self, lr: float, weight_decay: float, head: list) -> list[dict]:
+        """The optimiser's parameter groups: the method's trainables and the task's `head` (a classifier;
+        empty for language modelling), each with its name, lr and weight decay. By default one lr for
+        all, and the method's own tensors decay only when config.decay (pyreft never decays ReFT's)."""
+        return [{"name": "method", "params": self.trainable_parameters(), "lr": lr,
+                 "weight_decay": weight_decay if self.config.decay else 0.0},
+                {"name": "head", "params": list(head), "lr": lr, "weight_decay": weight_decay}]
 
     def added_parameters(self) -> int:
         """Parameters the method adds to the model (0 for methods that train base weights)."""

@@ -32,6 +32,7 @@ class FineGatesConfig(MethodConfig):
     init_mean: float = 1.0           # θ ~ N(init_mean, init_std²): open gates
     init_std: float = 0.1
     train_bias: str = "gated"        # gated: the gated layers' existing biases train (authors' GLUE); none
+    head_lr: float | None = None     # the authors' head_learning_rate: biases, LoRA factors, task head; None: lr
 
 
 @dataclass
@@ -133,6 +134,8 @@ class FineGatesMethod(Method):
             raise ConfigError(f"intervention.reg_std={c.reg_std} must be a positive number")
         if not _number(c.init_mean):
             raise ConfigError(f"intervention.init_mean={c.init_mean} must be a number")
+        if c.head_lr is not None and not (_number(c.head_lr) and c.head_lr >= 0):
+            raise ConfigError(f"intervention.head_lr={c.head_lr} must be a non-negative number, or null for lr")
         if c.train_bias not in ("gated", "none"):
             raise ConfigError(f"intervention.train_bias={c.train_bias!r} is unknown: use gated or none")
         if cls.lora:
@@ -199,6 +202,14 @@ class FineGatesMethod(Method):
     def trainable_parameters(self):
         return list(self.gates.parameters()) + list(self.biases.values()) + (
             list(self.adapters.parameters()) if self.lora else [])
+
+    def param_groups(self, lr: float, weight_decay: float, head: list) -> list[dict]:
+        """The authors' two AdamW groups (spec §2.4): the gates at lr with no weight decay; everything
+        else (biases, LoRA factors, the task's head) at head_lr with trainer.weight_decay."""
+        rest_lr = lr if self.config.head_lr is None else float(self.config.head_lr)
+        rest = list(self.biases.values()) + (list(self.adapters.parameters()) if self.lora else []) + list(head)
+        return [{"name": "gates", "params": list(self.gates.parameters()), "lr": lr, "weight_decay": 0.0},
+                {"name": "head", "params": rest, "lr": rest_lr, "weight_decay": weight_decay}]
 
     def added_parameters(self) -> int:
         return self.gate_count() + (sum(p.numel() for p in self.adapters.parameters()) if self.lora else 0)
