@@ -142,6 +142,22 @@ def test_limits():
     assert t.load(1)[0] == train  # the training subset does not depend on the run seed
 
 
+@pytest.mark.parametrize("n_train,n_eval", [(50, 200), (1000, 200)])
+def test_generated_task_keeps_its_train_limit_and_never_its_test_questions(n_train, n_eval):
+    """reasoning-gym's seed 1 stream is seed 0's shifted by one: the test questions are the first training
+    candidates, and a train_limit below eval_limit used to leave almost nothing to train on."""
+    t = task("chain-sum", train_limit=n_train, eval_limit=n_eval)
+    train, test = t.load(0)
+    assert len(train) == n_train and len(test) == n_eval
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    if n_train == 1000:  # the default split is what it always was: 2000 candidates, test questions dropped
+        import reasoning_gym as rg
+        held_out = {r["question"] for r in test}
+        old = [x["question"] for x in rg.create_dataset("chain_sum", size=2000, seed=0, **t.options["generator"])
+               if x["question"] not in held_out][:n_train]
+        assert [r["question"] for r in train] == old
+
+
 # ---- errors: one line naming the file and what was expected ----
 
 def test_missing_data_dir_and_offline_hub(monkeypatch):

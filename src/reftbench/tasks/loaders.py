@@ -5,10 +5,12 @@ Local files come first: set `task.data_dir=` and each role reads `task.files[rol
 Without data_dir a role is loaded with `datasets.load_dataset(**task.hub[role])` (online only)."""
 import csv
 import json
+import logging
 from pathlib import Path
 
 from ..errors import ReftbenchError
 
+log = logging.getLogger(__name__)
 LOADERS = {}
 
 
@@ -35,7 +37,18 @@ def reasoning_gym(task, seed: int):
 
     test = make(n_eval, int(task.options.get("test_seed", 1)))
     held_out = {r["question"] for r in test}
-    train = [r for r in make(2 * n_train, int(task.options.get("train_seed", 0))) if r["question"] not in held_out]
+    # reasoning-gym draws item i from seed + i, so seed 1's stream is seed 0's shifted by one: up to
+    # n_eval of the first training candidates are test questions. Draw more until n_train remain (the
+    # first items never change with the size, so the default 1000/200 split is the same as ever).
+    size = 2 * n_train
+    for _ in range(8):
+        train = [r for r in make(size, int(task.options.get("train_seed", 0))) if r["question"] not in held_out]
+        if len(train) >= n_train:
+            break
+        size *= 2
+    else:
+        log.warning("task %s: only %d training questions not in the test set (train_limit=%d)",
+                    task.name, len(train), n_train)
     return {"train": train[:n_train], "test": test}
 
 
