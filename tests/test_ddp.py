@@ -63,19 +63,42 @@ def test_two_processes_train_like_one_and_write_one_result(tmp_path):
     assert two["metrics"] == one["metrics"] or two["metrics"]["trained"]["score"] == one["metrics"]["trained"]["score"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_every_method_trains_under_ddp_like_one_process(tmp_path, checkpointing):
+def two_like_one(tmp_path, names, extra, port):
+    """Train `names` with tests/helpers/ddp_train.py on two processes and on one; the trained tensors."""
     sys.path.insert(0, str(ROOT / "tests" / "helpers"))
     import ddp_train
-    names = list(ddp_train.CASES)
-    extra = ["ckpt"] if checkpointing else []
     launch([str(ROOT / "tests" / "helpers" / "ddp_train.py"), str(tmp_path / "two.safetensors"), ",".join(names),
-            *extra], tmp_path, 29621 + checkpointing, timeout=600)
-    ddp_train.run(tmp_path / "one.safetensors", names, checkpointing)
+            *extra], tmp_path, port, timeout=600)
+    ddp_train.run(tmp_path / "one.safetensors", names, "ckpt" in extra, 1 if "noaccum" in extra else 2)
     with safe_open(str(tmp_path / "two.safetensors"), "pt") as f:
         assert f.metadata()["processes"] == "2"
     two, one = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
     assert {k.split(".")[0] for k in one} == set(names) and one.keys() == two.keys()
+    return one, two
+
+
+def test_a_causal_lm_loss_weights_answer_tokens_as_one_process(tmp_path):
+    """Answers of 2 to 5 tokens: the two halves of a global batch hold different numbers of answer
+    tokens. Each process's mean loss is weighted by its share of them, so DDP's gradient average is the
+    one-process mean over all the batch's tokens."""
+    one, two = two_like_one(tmp_path, ["loreft"], ["noaccum"], 29631)
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), (k, (one[k] - two[k]).abs().max())
+
+
+def test_shard_weights_average_to_one():
+    from reftbench.train import loss_items, shard_weight
+    assert loss_items({"labels": [-100, -100, 7, 8, 2]}) == 3 and loss_items({"labels": [5, 6, 7]}) == 2
+    assert loss_items({"input_ids": [1, 2], "label": 1}) == 1  # a classifier: one term per example
+    w = [shard_weight(n, 10, 2) for n in (3, 7)]
+    assert w == [0.6, 1.4] and sum(w) / 2 == 1.0  # a term equal on both processes keeps its gradient
+    assert shard_weight(5, 10, 2) == 1.0  # equal halves (GLUE): DDP's plain average
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_every_method_trains_under_ddp_like_one_process(tmp_path, checkpointing):
+    one, two = two_like_one(tmp_path, ["loreft", "lora", "dora", "red", "full"], ["ckpt"] if checkpointing else [],
+                            29621 + checkpointing)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k

@@ -142,6 +142,20 @@ def shard(batch: list[int], rank: int, world: int, order: list[int]) -> list[int
     return batch[rank * k:(rank + 1) * k]
 
 
+def loss_items(example: dict) -> int:
+    """How many terms an example adds to its micro-batch's mean loss: its answer tokens for a causal LM
+    (labels shifted by one, as answer_loss), one for a classifier (a `label`, no `labels`)."""
+    labels = example.get("labels")
+    return 1 if labels is None else sum(1 for t in labels[1:] if t != -100)
+
+
+def shard_weight(shard_items: int, global_items: int, world: int) -> float:
+    """DDP averages the processes' gradients; scaling each process's mean loss by this makes that average
+    the gradient of the mean over the whole global micro-batch, as one process computes it. A term that
+    is the same on every process (a regulariser) keeps its gradient: the weights average to one."""
+    return world * shard_items / global_items if global_items else 1.0
+
+
 def set_mode(model, method, training: bool, base_dropout: bool = True, checkpointing: bool = False):
     """Training: the base model in train mode when base_dropout (pyreft's way: RoBERTa's dropout and the
     classifier's are on), else in eval mode; the method's own modules in train mode either way.
@@ -233,11 +247,15 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
             sync = i + 1 == start + size
             ids_ = shard(batches[i], rank, world, order) if world > 1 else batches[i]
             batch = to_device(collate([examples[j] for j in ids_]), acc.device)
+            weight = 1.0 if world == 1 else shard_weight(
+                sum(loss_items(examples[j]) for j in ids_),
+                sum(loss_items(examples[j]) for r in range(world) for j in shard(batches[i], r, world, order)),
+                world)
             # The method's context stays open across backward: a checkpointed layer recomputed during
             # backward then intervenes at this batch's positions too.
             with (nullcontext() if sync else acc.no_sync(prepared)), method.context(batch):
                 loss = prepared(batch)
-                acc.backward(loss / size)
+                acc.backward(loss * weight / size)
             losses.append(loss.item())
             state["batch"] = i + 1
             if not sync:
