@@ -102,3 +102,28 @@ def test_every_method_trains_under_ddp_like_one_process(tmp_path, checkpointing)
                             29621 + checkpointing)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k
+
+
+# A generation task: 12 test prompts in batches of 4 are 3 batches, so the two processes take 2 and 1.
+GEN = ["model=tiny-random-llama", "task=chain-sum", "task.train_limit=16", "task.eval_limit=12", "trainer.epochs=1",
+       "trainer.batch_size=4", "trainer.lr=1e-2", "eval_batch_size=4", "device=auto"]
+
+
+def test_evaluation_is_split_over_the_processes_and_gathered_in_order(tmp_path):
+    from reftbench.run import run
+    two_dirs = []
+    for i in range(2):  # the second launch finds the frozen score the first wrote
+        launch(["-m", "reftbench.cli", *GEN, f"cache_dir={tmp_path / 'cache2'}", f"hydra.run.dir={tmp_path / f'two{i}'}"],
+               tmp_path, 29641 + i)
+        two_dirs.append(json.loads((tmp_path / f"two{i}" / "result.json").read_text()))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*GEN, f"cache_dir={tmp_path / 'cache1'}"])
+    one = run(cfg, tmp_path / "one")
+    first, again = two_dirs
+    assert first["train"]["eval_processes"] == 2 and one["train"]["eval_processes"] == 1
+    assert first["cache"]["frozen_score"]["from"] == "computed" and again["cache"]["frozen_score"]["from"] == "cache"
+    for two in (first, again):
+        assert two["metrics"]["frozen"] == one["metrics"]["frozen"]
+        assert two["metrics"]["trained"]["n"] == one["metrics"]["trained"]["n"] == 12
+        # the same outputs in the same order: the gather puts each process's batches back in place
+        assert [s["output"] for s in two["samples"]] == [s["output"] for s in one["samples"]]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .atomic import atomic_path
 from .objectives import count_lengths
 
@@ -116,6 +117,8 @@ def frozen_score(cfg, model, objective, records, compute) -> tuple[dict, dict]:
         return compute(), {"from": "computed", "file": None}
     key = frozen_key(cfg, model, objective, records)
     path = base / "frozen" / f"{digest(key)}.json"
+    if distributed.shard()[1] > 1:  # a DDP run scores it together: every process must take one branch
+        return _frozen_sharded(path, key, compute)
     entry = _read_json(path)
     if entry is None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,11 +126,30 @@ def frozen_score(cfg, model, objective, records, compute) -> tuple[dict, dict]:
             entry = _read_json(path)  # another job may have written it while this one waited
             if entry is None:
                 metrics = compute()
-                with atomic_path(path) as tmp:
-                    tmp.write_text(json.dumps({"metrics": metrics, "key": key, "host": socket.gethostname(),
-                                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+                _write_frozen(path, key, metrics)
                 return metrics, {"from": "computed", "file": str(path)}
     return entry["metrics"], {"from": "cache", "file": str(path)}
+
+
+def _write_frozen(path: Path, key: dict, metrics: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"metrics": metrics, "key": key, "host": socket.gethostname(),
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+
+
+def _frozen_sharded(path: Path, key: dict, compute) -> tuple[dict, dict]:
+    """The first process's read decides for all (the cache may be local to its node); on a miss every
+    process scores its share, and the first writes the entry. No lock: a lock one process holds while
+    the others wait in the evaluation's gather would deadlock, and a duplicate write is the same entry."""
+    first = distributed.shard()[0] == 0
+    entry = distributed.from_first(_read_json(path) if first else None)
+    if entry is not None:
+        return entry["metrics"], {"from": "cache", "file": str(path)}
+    metrics = compute()
+    if first:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_frozen(path, key, metrics)
+    return metrics, {"from": "computed", "file": str(path)}
 
 
 # Every task field that can change how a record becomes tokens (the records themselves are digested).

@@ -2,6 +2,7 @@
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import collate_prompts, encode_prompt, to_device
 from .methods.base import active
 
@@ -15,9 +16,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     settings = {"do_sample": False, "num_beams": 1, **gen_kwargs}  # greedy unless the task says (LLM-Adapters: 4 beams)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    outputs = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
-        ids = order[start:start + batch_size]
+    outputs = {}
+    starts = range(0, len(order), batch_size)  # under DDP, each process takes every world-th batch
+    for k in tqdm(distributed.my_batches(len(starts)), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                  disable=None):
+        ids = order[starts[k]:starts[k] + batch_size]
         batch = to_device(collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id), device)
         with active(method, per_beam(batch, settings["num_beams"])):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -26,7 +29,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         new = out[:, batch["input_ids"].shape[1]:]
         for i, row in zip(ids, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return outputs
+    return distributed.gather(outputs, len(prompts))
 
 
 def per_beam(batch: dict, beams: int) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import cache, checkpoint, methods, models, precision, tasks
+from . import cache, checkpoint, distributed, methods, models, precision, tasks
 from .errors import ConfigError
 from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
@@ -124,8 +124,9 @@ def _run(cfg, out_dir: Path) -> dict:
 
     metrics, frozen_from = {}, None
     if cfg.eval_frozen and objective.frozen_baseline:  # once per model and test set: cache.py
-        metrics["frozen"], frozen_from = cache.frozen_score(cfg, model, objective, test_records, lambda: objective.evaluate(
-            model, test_records, cfg.eval_batch_size, desc="eval frozen")[0])
+        with distributed.sharded(accelerator):  # under DDP each process scores a share of the batches
+            metrics["frozen"], frozen_from = cache.frozen_score(cfg, model, objective, test_records, lambda: objective.evaluate(
+                model, test_records, cfg.eval_batch_size, desc="eval frozen")[0])
         log.info("frozen model: %s (%s)", _score_text(metrics["frozen"]), frozen_from["from"])
     if heldout:  # open-ended tasks: the answer loss on held-out training examples, computed offline
         metrics.setdefault("frozen", {})["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size)
@@ -137,13 +138,16 @@ def _run(cfg, out_dir: Path) -> dict:
     log.info("method %s: %d trainable parameters (%.4f%%)", cfg.intervention.name, params["trainable"], params["percent"])
     head = objective.head_parameters(model)
     selection = _Selection(objective, model, method, head, select, cfg.eval_batch_size) if select else None
-    stats = train(model, method, train_set, cfg.trainer, objective.collate, objective.loss, int(cfg.seed),
-                  log_fn=wandb_log, extra_params=head, on_epoch_end=selection, accelerator=accelerator,
-                  checkpoint_dir=out_dir / "checkpoints", fingerprint=OmegaConf.to_container(cfg, resolve=True),
-                  resume=bool(cfg.resume))
+    with distributed.sharded(accelerator):  # model selection runs on every process after each epoch
+        stats = train(model, method, train_set, cfg.trainer, objective.collate, objective.loss, int(cfg.seed),
+                      log_fn=wandb_log, extra_params=head, on_epoch_end=selection, accelerator=accelerator,
+                      checkpoint_dir=out_dir / "checkpoints", fingerprint=OmegaConf.to_container(cfg, resolve=True),
+                      resume=bool(cfg.resume))
     if selection:
         stats.update(selection.restore_best())
-    with accelerator.autocast():  # the trained weights are evaluated under the precision they trained in
+    with distributed.sharded(accelerator):
+        stats["eval_processes"] = distributed.shard()[1]  # how many processes split each evaluation
+    with accelerator.autocast(), distributed.sharded(accelerator):  # evaluated in the precision it trained in
         metrics["trained"], outputs = objective.evaluate(model, test_records, cfg.eval_batch_size, method=method,
                                                          desc="eval trained")
     if cfg.save_intervention and main:
