@@ -1,8 +1,9 @@
 """The one interface every method sits behind (peft-style: a config dataclass plus a module).
 
 The runner only ever calls: build(cfg, model), method.trainable_parameters(),
-method.param_groups(lr, weight_decay, head), method.context(batch) around a forward pass, method.loss_term() after it, method.train()/eval(),
-method.param_counts(), method.report(), method.save(dir) and load(dir, model). It never branches on which method it holds.
+method.param_groups(lr, weight_decay, head), method.context(batch) around a forward pass,
+method.loss_term() after it, method.train()/eval(), method.param_counts(), method.report(),
+method.save(dir) and load(dir, model). It never branches on which method it holds.
 """
 import dataclasses
 import json

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
-from ..architectures import kind, model_type
+from ..architectures import for_model, model_type
 from .base import MethodConfig, register
 from .full import BaseWeightsMethod, body_parameters
 
@@ -25,7 +25,7 @@ def biases(model: nn.Module) -> dict[str, nn.Parameter]:
 class BitFitMethod(BaseWeightsMethod):
     @classmethod
     def check(cls, config: BitFitConfig, model: nn.Module) -> None:
-        kind(model)
+        for_model(model)  # an architecture the table does not know: one clear line
         if not biases(model):
             raise ConfigError(f"intervention=bitfit trains only bias terms, but this {model_type(model)} model has no "
                               "bias terms (Llama-style models are built without them): use another method")

@@ -61,7 +61,7 @@ class Lora(Method):
 
     @classmethod
     def check(cls, config: LoraMethodConfig, model: nn.Module) -> None:
-        archs.kind(model)
+        archs.for_model(model)  # an architecture the table does not know: one clear line
         if not isinstance(config.rank, int) or isinstance(config.rank, bool) or config.rank < 1:
             raise ConfigError(f"intervention.rank={config.rank} is out of range: use a positive integer")
         if not (_number(config.alpha) and config.alpha > 0):
