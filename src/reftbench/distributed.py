@@ -16,13 +16,14 @@ _SHARD: ContextVar[tuple[int, int]] = ContextVar("reftbench_eval_shard", default
 @contextmanager
 def sharded(accelerator):
     from accelerate.utils import DistributedType
+    """Yields (this process's index, how many processes share each evaluation)."""
     world = accelerator.num_processes
     if world == 1 or accelerator.distributed_type == DistributedType.FSDP:
-        yield
+        yield _SHARD.get()
         return
     token = _SHARD.set((accelerator.process_index, world))
     try:
-        yield
+        yield _SHARD.get()
     finally:
         _SHARD.reset(token)
 
@@ -32,20 +33,21 @@ def shard() -> tuple[int, int]:
     return _SHARD.get()
 
 
-def my_batches(n_batches: int) -> range:
-    """The batches this process evaluates: whole batches, so each is the batch one process would run."""
+def my_batches(n: int, batch_size: int) -> range:
+    """The start offsets of the batches of n items this process evaluates: every world-th batch, whole,
+    so each is the batch one process would run."""
     rank, world = _SHARD.get()
-    return range(rank, n_batches, world)
+    return range(rank * batch_size, n, world * batch_size)
 
 
-def gather(values: dict[int, object], n: int) -> list:
-    """Every process's {index: value} merged into one list of n values, in index order, on every process."""
+def gather(values: dict, keys) -> list:
+    """Every process's {key: value} merged, on every process, as a list in the order of `keys`."""
     rank, world = _SHARD.get()
     if world > 1:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, values)
         values = {k: v for part in parts for k, v in part.items()}
-    return [values[i] for i in range(n)]
+    return [values[k] for k in keys]
 
 
 def from_first(value):

@@ -17,10 +17,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs = {}
-    starts = range(0, len(order), batch_size)  # under DDP, each process takes every world-th batch
-    for k in tqdm(distributed.my_batches(len(starts)), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                  disable=None):
-        ids = order[starts[k]:starts[k] + batch_size]
+    for start in tqdm(distributed.my_batches(len(order), batch_size), desc=desc, unit="batch", leave=False,
+                      dynamic_ncols=True, disable=None):  # under DDP, every world-th batch
+        ids = order[start:start + batch_size]
         batch = to_device(collate_prompts([encoded[i] for i in ids], tokenizer.pad_token_id), device)
         with active(method, per_beam(batch, settings["num_beams"])):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -29,7 +28,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         new = out[:, batch["input_ids"].shape[1]:]
         for i, row in zip(ids, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return distributed.gather(outputs, len(prompts))
+    return distributed.gather(outputs, range(len(prompts)))
 
 
 def per_beam(batch: dict, beams: int) -> dict:

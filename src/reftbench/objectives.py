@@ -123,14 +123,15 @@ class Classification:
         from .tasks import glue_metrics
         device = next(model.parameters()).device
         examples = self.encode(records)
-        preds, starts = {}, range(0, len(examples), batch_size)
-        for k in tqdm(distributed.my_batches(len(starts)), desc=desc, unit="batch", leave=False, disable=None):
-            batch = self.collate(examples[starts[k]:starts[k] + batch_size])
+        preds = {}
+        for start in tqdm(distributed.my_batches(len(examples), batch_size), desc=desc, unit="batch", leave=False,
+                          disable=None):  # under DDP, every world-th batch
+            batch = self.collate(examples[start:start + batch_size])
             batch = to_device(batch, device)
             with active(method, batch):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            preds[k] = (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
-        preds = [p for batch_preds in distributed.gather(preds, len(starts)) for p in batch_preds]
+            preds[start] = (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
+        preds = [p for chunk in distributed.gather(preds, range(0, len(examples), batch_size)) for p in chunk]
         labels = [r["label"] for r in records]
         metrics = glue_metrics(self.task.options.get("glue_task", self.task.name), preds, labels)
         metrics.update(score=metrics[self.task.metric], n=len(records))

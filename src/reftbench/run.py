@@ -145,11 +145,10 @@ def _run(cfg, out_dir: Path) -> dict:
                       resume=bool(cfg.resume))
     if selection:
         stats.update(selection.restore_best())
-    with distributed.sharded(accelerator):
-        stats["eval_processes"] = distributed.shard()[1]  # how many processes split each evaluation
-    with accelerator.autocast(), distributed.sharded(accelerator):  # evaluated in the precision it trained in
+    with accelerator.autocast(), distributed.sharded(accelerator) as (_, shared_by):  # in the training precision
         metrics["trained"], outputs = objective.evaluate(model, test_records, cfg.eval_batch_size, method=method,
                                                          desc="eval trained")
+    stats["eval_processes"] = shared_by  # how many processes split each evaluation
     if cfg.save_intervention and main:
         method.save(out_dir / "intervention")
         if head:  # the head trained too: keep it beside the intervention, under the model's own names

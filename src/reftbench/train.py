@@ -238,6 +238,7 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
                disable=None if acc.is_main_process else True)
     set_mode(model, method, True, base_dropout, ckpt_grad)
     losses = state["losses"]
+    items = [loss_items(e) for e in examples] if world > 1 else None  # each example's loss terms, counted once
     while state["step"] < total:
         batches = epoch_batches(len(examples), cfg.batch_size, seed, state["epoch"])
         order = [i for b in batches for i in b]
@@ -248,9 +249,8 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
             ids_ = shard(batches[i], rank, world, order) if world > 1 else batches[i]
             batch = to_device(collate([examples[j] for j in ids_]), acc.device)
             weight = 1.0 if world == 1 else shard_weight(
-                sum(loss_items(examples[j]) for j in ids_),
-                sum(loss_items(examples[j]) for r in range(world) for j in shard(batches[i], r, world, order)),
-                world)
+                sum(items[j] for j in ids_),
+                sum(items[j] for r in range(world) for j in shard(batches[i], r, world, order)), world)
             # The method's context stays open across backward: a checkpointed layer recomputed during
             # backward then intervenes at this batch's positions too.
             with (nullcontext() if sync else acc.no_sync(prepared)), method.context(batch):

@@ -207,8 +207,10 @@ class FineGatesMethod(Method):
         """The authors' two AdamW groups (spec §2.4): the gates at lr with no weight decay; everything
         else (biases, LoRA factors, the task's head) at head_lr with trainer.weight_decay."""
         rest_lr = lr if self.config.head_lr is None else float(self.config.head_lr)
-        rest = list(self.biases.values()) + (list(self.adapters.parameters()) if self.lora else []) + list(head)
-        return [{"name": "gates", "params": list(self.gates.parameters()), "lr": lr, "weight_decay": 0.0},
+        gates = list(self.gates.parameters())
+        gate_ids = {id(g) for g in gates}
+        rest = [p for p in self.trainable_parameters() if id(p) not in gate_ids] + list(head)
+        return [{"name": "gates", "params": gates, "lr": lr, "weight_decay": 0.0},
                 {"name": "head", "params": rest, "lr": rest_lr, "weight_decay": weight_decay}]
 
     def added_parameters(self) -> int:

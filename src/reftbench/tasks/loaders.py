@@ -40,9 +40,9 @@ def reasoning_gym(task, seed: int):
     # reasoning-gym draws item i from seed + i, so seed 1's stream is seed 0's shifted by one: up to
     # n_eval of the first training candidates are test questions. Draw more until n_train remain (the
     # first items never change with the size, so the default 1000/200 split is the same as ever).
-    size = 2 * n_train
+    size, train_seed = 2 * n_train, int(task.options.get("train_seed", 0))
     for _ in range(8):
-        train = [r for r in make(size, int(task.options.get("train_seed", 0))) if r["question"] not in held_out]
+        train = [r for r in make(size, train_seed) if r["question"] not in held_out]
         if len(train) >= n_train:
             break
         size *= 2
