@@ -30,7 +30,7 @@ def _rows(text):
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
 
-def test_mean_and_sample_std_over_seeds(tmp_path, capsys):
+def test_mean_and_t_interval_over_seeds(tmp_path, capsys):
     # loreft: 0.50, 0.60, 0.70 -> mean 60.0, sample std sqrt(((-10)² + 0 + 10²) / 2) = 10.0
     for seed, acc, sec, rss in [(42, 0.5, 60, 1.0), (43, 0.6, 90, 2.5), (44, 0.7, 120, 2.0)]:
         _write(tmp_path / "multirun", f"loreft{seed}", _record("loreft", seed, acc, seconds=sec, rss=rss))
@@ -43,11 +43,12 @@ def test_mean_and_sample_std_over_seeds(tmp_path, capsys):
     assert (out / "results.md").read_text() == printed
     rows = {r["method"]: r for r in _rows(printed)}
     assert set(rows) == {"loreft", "lora"}
-    assert rows["loreft"]["score"] == "60.0 ± 10.0" and rows["loreft"]["seeds"] == "3"
+    # ± is the 95% t interval: t(0.975, 2) · 10 / √3 = 4.303 · 5.774 = 24.84
+    assert rows["loreft"]["score"] == "60.0 ± 24.8" and rows["loreft"]["seeds"] == "3"
     assert rows["loreft"]["frozen"] == "25.0"
     assert rows["loreft"]["train time"] == "1m 30s"  # mean of 60, 90, 120 s
     assert rows["loreft"]["peak memory"] == "2.50 GiB RSS"  # the largest peak
-    assert rows["lora"]["score"] == "42.5 ± 3.5" and rows["lora"]["seeds"] == "2"
+    assert rows["lora"]["score"] == "42.5 ± 31.8" and rows["lora"]["seeds"] == "2"  # 12.706 · 3.536 / √2
     assert rows["lora"]["trainable params"] == "56,098,816"
     assert rows["lora"]["% params"] == "0.8256%"
     assert rows["lora"]["task"] == "chain-sum" and rows["lora"]["model"] == "tiny"
@@ -69,7 +70,7 @@ def test_different_options_are_different_rows(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 0
     rows = {(r["task"], r["method"]): r["score"] for r in _rows(capsys.readouterr().out)}
     assert rows == {("chain-sum", "loreft (intervention.rank=4)"): "50.0",
-                    ("chain-sum", "loreft (intervention.rank=8)"): "70.0 ± 14.1",
+                    ("chain-sum", "loreft (intervention.rank=8)"): "70.0 ± 127.1",  # 12.706 · 14.14 / √2
                     ("word-reversal", "loreft"): "90.0"}
 
 
@@ -173,7 +174,7 @@ def test_a_paper_row_sits_beside_the_paper_with_its_difference_and_average(tmp_p
     assert _by(rows, "llama-13b", "LoReFT")["piqa"]["mean"] is None
     md = report.markdown(rows)
     line = next(x for x in md.splitlines() if "| LoReFT | boolq |" in x and "llama-7b" in x)
-    assert "| 75.0 ± 7.1 | 2 | 69.3 | +5.7 |" in line
+    assert "| 75.0 ± 63.5 | 2 | 69.3 | +5.7 |" in line  # t(0.975, 1) · 7.071 / √2 = 63.5
     gap = next(x for x in md.splitlines() if "| PrefT | boolq |" in x and "llama-7b" in x)
     assert "| – | – | 64.3 | – |" in gap
     csv_line = next(x for x in report.to_csv(rows).splitlines() if x.startswith("llama-7b,PrefT,boolq,"))

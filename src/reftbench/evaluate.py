@@ -1,4 +1,7 @@
 """Batched greedy generation with the KV cache, and scoring with the task's answer check."""
+import hashlib
+import json
+
 import torch
 from tqdm.auto import tqdm
 
@@ -40,26 +43,43 @@ def per_beam(batch: dict, beams: int) -> dict:
             [x for x in v for _ in range(beams)] if isinstance(v, list) else v for k, v in batch.items()}
 
 
+def example_id(record: dict) -> str:
+    """A short fingerprint of a test record: two runs pair only when scored on the same ids, in order."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def per_example(records: list[dict], correct: list[bool]) -> dict:
+    """What a paired test needs, kept compact (one line each in result.json): the ids space-separated,
+    correctness as a string of 0/1 in test-record order."""
+    return {"ids": " ".join(example_id(r) for r in records), "correct": "".join("1" if c else "0" for c in correct)}
+
+
 def score(task, records: list[dict], outputs: list[str]) -> dict:
     correct = [task.is_correct(o, r) for o, r in zip(outputs, records)]
-    return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct)}
+    return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct)}, correct
 
 
 def evaluate(model, tokenizer, task, records, batch_size, method=None, desc="eval"):
     outputs = generate(model, tokenizer, [task.prompt(r) for r in records], task.max_new_tokens,
                        batch_size, method=method, desc=desc, **task.generation)
-    result = score(task, records, outputs)
+    result, correct = score(task, records, outputs)
     if task.eval_tasks:  # one run, several test sets (commonsense, math): a score for each
-        result.update(by_sets(task, records, outputs))
+        result.update(by_sets(task, records, outputs, correct))
+    elif not task.judged_offline:
+        result["per_example"] = per_example(records, correct)
     return result, outputs
 
 
-def by_sets(task, records, outputs) -> dict:
+def by_sets(task, records, outputs, correct=None) -> dict:
     """Per-set accuracies and their plain mean, the paper's Avg column (the macro-average), as the
     headline `accuracy`; the micro-average over all examples (dominated by the largest set,
     HellaSwag's 10k of commonsense's 22k) stays beside it as `micro_accuracy`."""
     from .tasks import accuracy_by_eval_task
     sets = accuracy_by_eval_task(task, records, outputs)
+    if correct is not None:  # each set's examples, in test-record order, beside its score
+        for name, v in sets.items():
+            mine = [i for i, r in enumerate(records) if r.get("eval_task", task.name) == name]
+            v["per_example"] = per_example([records[i] for i in mine], [correct[i] for i in mine])
     micro = sum(v["accuracy"] * v["n"] for v in sets.values()) / max(1, sum(v["n"] for v in sets.values()))
     macro = sum(v["accuracy"] for v in sets.values()) / max(1, len(sets))
     return {"by_task": sets, "accuracy": macro, "micro_accuracy": micro, "average": "macro"}

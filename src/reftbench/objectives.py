@@ -133,9 +133,23 @@ class Classification:
             preds[start] = (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
         preds = [p for chunk in distributed.gather(preds, range(0, len(examples), batch_size)) for p in chunk]
         labels = [r["label"] for r in records]
-        metrics = glue_metrics(self.task.options.get("glue_task", self.task.name), preds, labels)
+        glue_task = self.task.options.get("glue_task", self.task.name)
+        metrics = glue_metrics(glue_task, preds, labels)
         metrics.update(score=metrics[self.task.metric], n=len(records))
+        metrics["per_example"] = self.per_example(records, preds, labels, glue_task)
         return metrics, [str(p) for p in preds]
+
+    def per_example(self, records, preds, labels, glue_task) -> dict:
+        """Predictions and labels (the metric can be recomputed on a resample: MCC, Pearson are not
+        means over examples), compact strings as in evaluate.per_example; 0/1 correctness when the
+        headline metric is accuracy."""
+        from .evaluate import example_id
+        fmt = (lambda x: f"{x:.6g}") if self.regression else str
+        out = {"ids": " ".join(example_id(r) for r in records), "glue_task": glue_task, "metric": self.task.metric,
+               "prediction": " ".join(fmt(p) for p in preds), "label": " ".join(fmt(x) for x in labels)}
+        if self.task.metric == "accuracy":
+            out["correct"] = "".join("1" if p == x else "0" for p, x in zip(preds, labels))
+        return out
 
     def sample(self, record, output):
         return {"text": record["text"], "text_pair": record.get("text_pair"), "label": record["label"],

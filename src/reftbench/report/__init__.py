@@ -1,4 +1,5 @@
-"""`reftbench-report DIR [--out-dir OUT] [--html OUT.html]`: the results tables of every result.json under DIR.
+"""`reftbench-report DIR [--out-dir OUT] [--html OUT.html] [--reference METHOD]`: the results tables of every
+result.json under DIR, each score with its 95% interval over seeds and a paired test against METHOD.
 
 For each table (the `table` its runs were started with; `results` for runs of no table): markdown,
 CSV and LaTeX, and the paper's Figure 1 for what was run. Without --out-dir the markdown is printed.
@@ -11,7 +12,7 @@ from pathlib import Path
 from ..atomic import atomic_path
 from .figure import draw
 from .tables import (build_cells, latex, latex_wide, load_paper, load_records, markdown,  # noqa: F401
-                     markdown_wide, rows, score, task_scores, to_csv)
+                     markdown_notes, markdown_wide, rows, score, task_scores, to_csv)
 
 
 
@@ -26,10 +27,11 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text)
 
 
-def tables(records: list[dict], paper=None) -> dict[str, list[dict]]:
-    """{table name: rows}: numbers and gaps for every cell, the paper's beside ours."""
+def tables(records: list[dict], paper=None, reference: str | None = None) -> dict[str, list[dict]]:
+    """{table name: rows}: numbers and gaps for every cell, the paper's beside ours; each method tested
+    against `reference` (default loreft where a column has it, else its first method)."""
     cells = build_cells(records, load_paper() if paper is None else paper)
-    return {name: rows(c) for name, c in cells.items()}
+    return {name: rows(c, reference) for name, c in cells.items()}
 
 
 def main(argv=None) -> int:
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-figure", action="store_true", help="skip the figure")
     parser.add_argument("--html", type=Path, metavar="OUT.html",
                         help="also write one self-contained results page (sortable tables, interactive Figure 1)")
+    parser.add_argument("--reference", metavar="METHOD",
+                        help="the method each other is tested against (default: loreft where run, else the first)")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
         print(f"reftbench-report: {args.dir} is not a folder", file=sys.stderr)
@@ -55,7 +59,11 @@ def main(argv=None) -> int:
               "(no per-run details)", file=sys.stderr)
         found = {p.stem: rows_from_csv(p.read_text()) for p in csvs}
     else:
-        found = tables(records)
+        found = tables(records, reference=args.reference)
+        if args.reference and not any(r.get("reference") for t in found.values() for r in t):
+            print(f"reftbench-report: --reference {args.reference}: no run of that method under {args.dir}",
+                  file=sys.stderr)
+            return 2
     if args.table:
         missing = [t for t in args.table if t not in found]
         if missing:
@@ -68,12 +76,12 @@ def main(argv=None) -> int:
         write_text_atomic(args.html, page(found, records, source=str(args.dir)))
         print(f"reftbench-report: wrote {args.html}", file=sys.stderr)
     for name, table_rows in found.items():
-        text = markdown(table_rows) + wide_note(table_rows) + markdown_wide(table_rows)
+        text = markdown(table_rows) + markdown_notes(table_rows) + wide_note(table_rows) + markdown_wide(table_rows)
         sys.stdout.write((f"## {name}\n\n" if len(found) > 1 else "") + text + ("\n" if len(found) > 1 else ""))
         if args.out_dir:
             write_text_atomic(args.out_dir / f"{name}.md", text)
             write_text_atomic(args.out_dir / f"{name}.csv", to_csv(table_rows))
-            write_text_atomic(args.out_dir / f"{name}.tex", latex(table_rows, caption=f"reftbench {name}") + "\n"
+            write_text_atomic(args.out_dir / f"{name}.tex", latex(table_rows, caption=f"reftbench {name}", with_notes=True) + "\n"
                               + latex_wide(table_rows))
             drawn = not args.no_figure and draw(table_rows, args.out_dir / f"{name}.png", title=f"reftbench {name}")
             print(f"reftbench-report: wrote {args.out_dir / name}.{{md,csv,tex{',png' if drawn else ''}}}",

@@ -1,7 +1,8 @@
 """Results tables from result.json records, beside the paper's numbers.
 
 A *cell* is one (table, model, method row, task). Runs that differ only in their seed share a cell:
-its score is the mean ± sample standard deviation (n − 1) over seeds. A run that was one of the
+its score is the mean ± the half-width of a 95% confidence interval over seeds (Student t), and
+a paired test over test examples against a reference method in the same column (report/stats.py). A run that was one of the
 paper's rows (its experiment file sets `table` and `row`) and changed none of that file's settings
 takes the paper's row name and sits beside the paper's number; any other run is labelled by its
 method and the options in which it differs from its neighbours (`loreft (intervention.rank=8)`).
@@ -19,6 +20,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from ..tasks.loaders import matches
+from . import stats
 
 PAPER_FILE = files("reftbench") / "report" / "reft_paper.csv"
 NO_TABLE = "results"  # runs that belong to no table (no `table` in their config)
@@ -205,6 +207,66 @@ def _ordered(cells: list[Cell], paper: list[PaperCell]) -> list[Cell]:
     return out
 
 
+def seed_scores(cell: Cell) -> list[float]:
+    """One score per seed (×100); for an average row, the per-seed mean over its tasks, for the
+    seeds every task has."""
+    if not cell.average:
+        return [100 * s for s in cell.scores()]
+    by_seed = [{r.get("seed"): s for r in c.runs if (s := task_scores(r).get(c.task)) is not None} for c in cell.parts]
+    common = [k for k in by_seed[0] if all(k in b for b in by_seed)] if by_seed else []
+    return [100 * statistics.mean(b[k] for b in by_seed) for k in common]
+
+
+def strata(cell: Cell) -> dict[tuple, "stats.Stratum | None"]:
+    """{(task, seed): per-example scores of that run} for the paired test; None where a run has none."""
+    out = {}
+    for c in (cell.parts if cell.average else [cell]):
+        for r in c.runs:
+            m = (r.get("metrics") or {}).get("trained") or {}
+            by_task = m.get("by_task")
+            out[(c.task, r.get("seed"))] = stats.stratum(by_task.get(c.task) if isinstance(by_task, dict) else m)
+    return out
+
+
+def _is(cell: Cell, name: str) -> bool:
+    name = name.lower()
+    return name in (cell.label.lower(), (cell.row or "").lower(), cell.label.split(" ")[0].lower())
+
+
+def paired_tests(cells: list[Cell], reference: str | None) -> dict[int, tuple[Cell, "stats.Paired | None"]]:
+    """{id(cell): (its reference cell, the paired test or None for the reference itself)}: per model and
+    task, `reference` (default loreft where present, else the first method run) against each method."""
+    groups = defaultdict(list)
+    for c in cells:
+        if c.runs or c.average and any(p.runs for p in c.parts):
+            groups[(c.model, c.task)].append(c)
+    out = {}
+    for group in groups.values():
+        ref = next((c for c in group if _is(c, reference or "loreft")), None if reference else group[0])
+        if ref is None:
+            continue
+        ref_strata = strata(ref)
+        for c in group:
+            test = None
+            if c is not ref:
+                pairs, note = stats.match(strata(c), ref_strata)
+                test = stats.paired_test(pairs)
+                test.note = note or test.note
+            out[id(c)] = (ref, test)
+    return out
+
+
+def tuning(runs: list[dict]) -> dict | None:
+    """The budget a tuned run's settings were found with (`config.tuned`, written by reftbench-tune)."""
+    tuned = [(r.get("config") or {}).get("tuned") for r in runs]
+    tuned = [t for t in tuned if isinstance(t, dict)]
+    if not tuned:
+        return None
+    dev = [t.get("dev_size") or ((r.get("data") or {}).get("dev_size")) for r, t in zip(runs, tuned)]
+    return {"trials": tuned[0].get("trials"), "max_steps": tuned[0].get("max_steps"),
+            "dev_size": next((d for d in dev if d), None), "metric": tuned[0].get("metric")}
+
+
 def mean_std(cell: Cell) -> tuple[float | None, float | None, int]:
     """Mean and sample std (×100) over seeds; for an average row: the mean of its task means,
     only when every task has a score (a missing task leaves the average a gap)."""
@@ -232,11 +294,13 @@ def _runs(cell: Cell) -> list[dict]:
     return cell.runs
 
 
-def rows(cells: list[Cell]) -> list[dict]:
+def rows(cells: list[Cell], reference: str | None = None) -> list[dict]:
     """One dict per cell, raw numbers (None for a gap) and the text shown for them."""
     out = []
+    tests = paired_tests(cells, reference)
     for c in cells:
         mean, std, n = mean_std(c)
+        ref, test = tests.get(id(c), (None, None))
         paper = paper_score(c)
         runs = _runs(c)
         params = next((r["params"] for r in runs if r.get("params")), {})
@@ -253,6 +317,11 @@ def rows(cells: list[Cell]) -> list[dict]:
         out.append({
             "model": c.model, "method": c.label, "task": c.task,
             "mean": mean, "std": std, "n": n, "paper": paper,
+            "ci95": stats.t_interval(seed_scores(c)) if mean is not None else None,
+            "reference": ref.label if ref is not None else None,
+            "delta": test.delta if test else None, "delta_low": test.low if test else None,
+            "delta_high": test.high if test else None, "p": test.p if test else None,
+            "test": test, "tuned": tuning(runs),
             "diff": mean - paper if mean is not None and paper is not None else None,
             "frozen": statistics.mean(frozen) if frozen else None,
             "trainable": params.get("trainable"),
@@ -300,15 +369,20 @@ def duration(seconds: float) -> str:
 
 
 def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool = False,
-          has_sparsity: bool = False) -> dict[str, str]:
+          has_sparsity: bool = False, test_header: str | None = None) -> dict[str, str]:
     if r["mean"] is None:
         score = "judged offline" if r["judged_offline"] else GAP
     else:
-        score = one_decimal(r["mean"]) + (f" ± {one_decimal(r['std'])}" if r["std"] is not None else "")
+        score = one_decimal(r["mean"]) + (f" ± {one_decimal(r['ci95'])}" if r.get("ci95") is not None else "")
     memory = ", ".join(([f"{r['peak_gpu_gib']:.2f} GiB GPU"] if r["peak_gpu_gib"] is not None else [])
                        + ([f"{r['peak_rss_gib']:.2f} GiB RSS"] if r["peak_rss_gib"] is not None else []))
     text = {"model": r["model"], "method": r["method"], "task": r["task"], "score": score,
             "seeds": str(r["n"]) if r["n"] else GAP}
+    if test_header:
+        test = r.get("test")
+        text[test_header] = ("reference" if r.get("reference") == r["method"] and r["mean"] is not None and not test
+                             else stats.paired_text(test) if test and test.p is not None
+                             else paired_csv_text(r) if r.get("p") is not None else GAP)
     if has_protocol:
         text["protocol"] = r.get("protocol") or GAP
     if has_paper:
@@ -330,13 +404,62 @@ def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool 
     return text
 
 
+def paired_csv_text(r: dict) -> str:
+    """The test column from a row read back from CSV (no Paired object)."""
+    return stats.paired_text(stats.Paired(r["delta"], r["delta_low"], r["delta_high"], r["p"]))
+
+
+def test_header(table_rows: list[dict]) -> str | None:
+    """`Δ vs loreft [95% CI], p`; None when no row has a test (no per-example scores anywhere)."""
+    if not any(r.get("p") is not None for r in table_rows):
+        return None
+    refs = {r["reference"] for r in table_rows if r.get("reference")}
+    return f"Δ vs {refs.pop() if len(refs) == 1 else 'reference'} [95% CI], p"
+
+
 def _texts(table_rows: list[dict]) -> list[dict[str, str]]:
     """Display text per row; the paper's and the frozen columns only where some row has one."""
     has_paper = any(r["paper"] is not None for r in table_rows)
     has_frozen = any(r["frozen"] is not None for r in table_rows)
     has_protocol = any(r.get("protocol") not in (None, "reft") for r in table_rows)  # else all ReFT's
     has_sparsity = any(r.get("sparsity") is not None for r in table_rows)  # only methods that remove weights
-    return [_text(r, has_paper, has_frozen, has_protocol, has_sparsity) for r in table_rows]
+    header = test_header(table_rows)
+    return [_text(r, has_paper, has_frozen, has_protocol, has_sparsity, header) for r in table_rows]
+
+
+def notes(table_rows: list[dict]) -> list[str]:
+    """What is under a table: seeds, the interval, the test and its reference, runs left unpaired, and
+    the tuning budget of tuned runs."""
+    seeds = sorted({r["n"] for r in table_rows if r["n"]})
+    if not seeds:
+        return []
+    span = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    out = [f"Score: mean over seeds ± half-width of its 95% CI over seeds (Student t); {span} seed(s) per cell"
+           + ("; a cell of one seed has no interval." if seeds[0] == 1 else ".")]
+    refs = list(dict.fromkeys(r["reference"] for r in table_rows if r.get("reference")))
+    if any(r.get("p") is not None for r in table_rows):
+        out.append(f"Δ vs {', '.join(refs)} (the reference, per model and task): a paired bootstrap over test "
+                   f"examples, {stats.RESAMPLES} resamples (seeded), seed s paired with seed s, each seed and test "
+                   "set resampled apart; the difference in points, its 95% percentile interval and a two-sided p; "
+                   "n.s.: not significant at 0.05.")
+    else:
+        out.append("No paired test: no pair of runs with per-example scores on the same examples"
+                   + (f" (reference {', '.join(refs)})." if refs else "."))
+    unpaired = [f"{r['method']} / {r['task']}: {r['test'].note}" for r in table_rows
+                if r.get("test") is not None and r["test"].note and r["mean"] is not None]
+    if unpaired:
+        out.append("Not (fully) paired: " + "; ".join(unpaired) + ".")
+    tuned = {r["method"]: r["tuned"] for r in table_rows if r.get("tuned")}
+    if tuned:
+        out.append("Tuned on a dev split: " + "; ".join(
+            f"{m}: {t['trials']} trials × {t['max_steps']} steps" + (f", dev split {t['dev_size']} examples"
+                                                                     if t.get("dev_size") else "")
+            + (f", by {t['metric']}" if t.get("metric") else "") for m, t in tuned.items()) + ".")
+    return out
+
+
+def markdown_notes(table_rows: list[dict]) -> str:
+    return "".join(f"\n{n}\n" for n in notes(table_rows))
 
 
 def markdown(table_rows: list[dict]) -> str:
@@ -348,7 +471,8 @@ def markdown(table_rows: list[dict]) -> str:
 
 
 CSV_COLUMNS = ["model", "method", "task", "mean", "std", "n", "paper", "diff", "frozen", "trainable",
-               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol", "sparsity", "speedup"]
+               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol", "sparsity", "speedup",
+               "ci95", "reference", "delta", "delta_low", "delta_high", "p"]
 
 
 def to_csv(table_rows: list[dict]) -> str:
@@ -357,7 +481,7 @@ def to_csv(table_rows: list[dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in table_rows:
-        w.writerow(["" if r.get(k) is None else (round(r[k], 4) if isinstance(r[k], float) else r[k])
+        w.writerow(["" if r.get(k) is None else (round(r[k], 6 if k == "p" else 4) if isinstance(r[k], float) else r[k])
                     for k in CSV_COLUMNS])
     return buf.getvalue()
 
@@ -366,10 +490,10 @@ def _tex_escape(s: str) -> str:
     s = s.replace("\\", r"\textbackslash{}")
     for ch in "&%$#_{}":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("×", r"$\times$").replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
+    return s.replace("≥", r"$\geq$").replace("×", r"$\times$").replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
 
 
-def latex(table_rows: list[dict], caption: str = "") -> str:
+def latex(table_rows: list[dict], caption: str = "", with_notes: bool = False) -> str:
     """A booktabs tabular of the same columns as the markdown table (needs \\usepackage{booktabs})."""
     texts = _texts(table_rows)
     header = [h for h in (list(texts[0]) if texts else []) if h not in ("train time", "peak memory")]
@@ -378,6 +502,8 @@ def latex(table_rows: list[dict], caption: str = "") -> str:
              " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(_tex_escape(t[h]) for h in header) + r" \\" for t in texts]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    if with_notes and notes(table_rows):
+        lines.append(r"\par\smallskip{\footnotesize " + " ".join(_tex_escape(n) for n in notes(table_rows)) + "}")
     if caption:
         lines.insert(0, f"% {caption}")
     return "\n".join(lines) + "\n"
