@@ -49,6 +49,8 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
                     continue
                 style = dict(marker="o", color="C0") if filled else dict(marker="s", facecolors="none", edgecolors="C3")
                 ax.scatter([pct], [value], s=36, zorder=3, **style)
+                if filled and r.get("ci95") is not None:  # the 95% interval over seeds
+                    ax.errorbar([pct], [value], yerr=[r["ci95"]], fmt="none", ecolor="C0", elinewidth=1, capsize=3)
                 ax.annotate(r["method"], (pct, value), xytext=(4, 3), textcoords="offset points", fontsize=7,
                             color="black" if filled else "C3")
         ax.set_xscale("log")
@@ -60,7 +62,7 @@ def draw(table_rows: list[dict], path: Path, title: str) -> bool:
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
-    handles = [plt.Line2D([], [], marker="o", ls="", color="C0", label="reftbench (mean over seeds)")]
+    handles = [plt.Line2D([], [], marker="o", ls="", color="C0", label="reftbench (mean, 95% CI over seeds)")]
     if any(r["paper"] is not None for rows in groups.values() for r in rows):
         handles.append(plt.Line2D([], [], marker="s", ls="", markerfacecolor="none", color="C3", label="paper"))
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)

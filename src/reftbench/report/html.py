@@ -16,7 +16,7 @@ import math
 from html import escape
 
 from .figure import panels
-from .tables import _texts, one_decimal, wide
+from .tables import _texts, notes, one_decimal, wide
 
 CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
        "img-src data: blob:; font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
@@ -97,8 +97,8 @@ def results_table(table_rows: list[dict], table_id: str) -> str:
     head = "".join(f"<th scope=col>{escape(h)}</th>" for h in header)
     body = []
     for r, t in zip(table_rows, texts):
-        cells = "".join(_cell(t[h], r.get(NUMERIC[h]) if h in NUMERIC else False, "paper" if h == "paper" else "")
-                        for h in header)
+        cells = "".join(_cell(t[h], r.get(NUMERIC[h]) if h in NUMERIC else r.get("delta") if h.startswith("Δ vs")
+                              else False, "paper" if h == "paper" else "") for h in header)
         body.append(f"<tr{' class=avg' if r['task'] == 'avg' else ''}>{cells}</tr>")
     return (f'<input class=filter type=search placeholder="filter rows (e.g. loreft obqa)" '
             f'data-table="{table_id}" aria-label="filter rows">'
@@ -161,7 +161,8 @@ def figure(table_rows: list[dict], title: str, include_plotlyjs: bool) -> str:
                         hoverinfo="text"), row=row, col=col)
                     shown.add((r["method"], ours))
                     continue
-                spread = f" ± {one_decimal(r['std'])}" if ours and r["std"] is not None else ""
+                ci = r.get("ci95") if ours else None
+                spread = f" ± {one_decimal(ci)} (95% CI)" if ci is not None else ""
                 who = "reftbench" if ours else "paper"
                 hover = (f"<b>{escape(r['method'])}</b> ({who})<br>{escape(model)} · {escape(task)}<br>"
                          f"score {one_decimal(value)}{spread}" + (f" over {r['n']} seed(s)" if ours else "") +
@@ -172,6 +173,7 @@ def figure(table_rows: list[dict], title: str, include_plotlyjs: bool) -> str:
                     x=[r["params_percent"]], y=[value], mode="markers",
                     name=escape(r["method"]) + ("" if ours else " (paper)"), legendgroup=escape(r["method"]),
                     showlegend=key not in shown, hovertext=[hover], hoverinfo="text",
+                    error_y=dict(type="data", array=[ci], visible=True, color=color) if ci is not None else None,
                     marker=dict(size=11 if ours else 10, color=color if ours else "rgba(0,0,0,0)",
                                 symbol="circle" if ours else "square-open", line=dict(color=color, width=2))),
                     row=row, col=col)
@@ -213,9 +215,11 @@ def page(found: dict[str, list[dict]], records: list[dict], source: str) -> str:
     parts, plotly_inlined = [], False
     for n, (name, table_rows) in enumerate(found.items()):
         parts.append(f"<h2>{escape(name)}</h2>")
-        parts.append("<h3>Results</h3><p class=note>Mean ± sample std over seeds; the paper's number and the "
-                     "difference where the run is one of the paper's rows; – is a gap. Click a column to sort.</p>")
+        parts.append("<h3>Results</h3><p class=note>Mean ± 95% CI over seeds (error bars in the figure); the "
+                     "paired test against the reference method; the paper's number and the difference where the run "
+                     "is one of the paper's rows; – is a gap. Click a column to sort.</p>")
         parts.append(results_table(table_rows, f"results-{n}"))
+        parts.append("".join(f"<p class=note>{escape(line)}</p>" for line in notes(table_rows)))
         parts.append("<h3>Per task (the paper's number in brackets)</h3>")
         parts.append(breakdown_table(table_rows, f"tasks-{n}"))
         plot = figure(table_rows, f"Figure 1: {name}", include_plotlyjs=not plotly_inlined)
@@ -231,7 +235,8 @@ def page(found: dict[str, list[dict]], records: list[dict], source: str) -> str:
             + "".join(parts) + f"<script>{SCRIPT}</script></body></html>\n")
 
 
-FLOATS = ("mean", "std", "paper", "diff", "frozen", "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib")
+FLOATS = ("mean", "std", "paper", "diff", "frozen", "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib",
+          "ci95", "delta", "delta_low", "delta_high", "p")
 
 
 def rows_from_csv(text: str) -> list[dict]:
@@ -240,7 +245,7 @@ def rows_from_csv(text: str) -> list[dict]:
     out = []
     for r in csv.DictReader(io.StringIO(text)):
         row = {k: (float(r[k]) if r.get(k) not in (None, "") else None) for k in FLOATS}
-        row.update(model=r["model"], method=r["method"], task=r["task"],
+        row.update(model=r["model"], method=r["method"], task=r["task"], reference=r.get("reference") or None,
                    n=int(r["n"]) if r.get("n") else 0,
                    trainable=int(float(r["trainable"])) if r.get("trainable") else None, judged_offline=False)
         out.append(row)

@@ -119,13 +119,20 @@ def match(a: dict[tuple, Stratum | None], b: dict[tuple, Stratum | None]) -> tup
     return pairs, "; ".join(notes) or None
 
 
+def one_decimal(x: float) -> str:
+    """One decimal, halves rounded up as the paper prints them (72.25 -> 72.3, not 72.2)."""
+    return f"{math.floor(x * 10 + 0.5 + 1e-9) / 10:.1f}"
+
+
 def p_text(p: float) -> str:
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
+    if p <= 2 / (RESAMPLES + 1) + 1e-12:  # no resample crossed 0: the smallest p these resamples can give
+        return f"p≤{p:.3f}"
+    return f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
 
 
 def paired_text(t: Paired) -> str:
     """`+3.1 [+1.0, +5.2], p=0.004`, `n.s.` appended when p ≥ 0.05."""
     def signed(x):
-        return ("+" if x >= 0 else "-") + f"{abs(x):.1f}"
+        return ("+" if x >= 0 else "-") + one_decimal(abs(x))
     return (f"{signed(t.delta)} [{signed(t.low)}, {signed(t.high)}], {p_text(t.p)}"
             + ("" if t.significant else " n.s."))

@@ -11,7 +11,6 @@ The paper's rows that were not run, and the tasks of a run row that are missing,
 import csv
 import io
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from ..tasks.loaders import matches
 from . import stats
+from .stats import one_decimal  # noqa: F401 (html.py and tests import it from here)
 
 PAPER_FILE = files("reftbench") / "report" / "reft_paper.csv"
 NO_TABLE = "results"  # runs that belong to no table (no `table` in their config)
@@ -354,9 +354,6 @@ def _compression(runs: list[dict]) -> tuple[float | None, float | None]:
     return (statistics.mean(shares) if shares else None), (statistics.mean(speedups) if speedups else None)
 
 
-def one_decimal(x: float) -> str:
-    """One decimal, halves rounded up as the paper prints them (72.25 -> 72.3, not 72.2)."""
-    return f"{math.floor(x * 10 + 0.5 + 1e-9) / 10:.1f}"
 
 
 def duration(seconds: float) -> str:
@@ -490,7 +487,7 @@ def _tex_escape(s: str) -> str:
     s = s.replace("\\", r"\textbackslash{}")
     for ch in "&%$#_{}":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("≥", r"$\geq$").replace("×", r"$\times$").replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
+    return s.replace("≥", r"$\geq$").replace("≤", r"$\leq$").replace("×", r"$\times$").replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("~", r"\~{}")
 
 
 def latex(table_rows: list[dict], caption: str = "", with_notes: bool = False) -> str:
