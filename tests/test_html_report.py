@@ -149,3 +149,33 @@ def test_a_folder_of_tables_only_renders_from_its_csv(tmp_path, capsys):
         if row["mean"] is not None and row["task"] != "avg":
             assert f'data-sort="{row["mean"]!r}"' in page or f"{row['mean']:.1f}" in page
     assert report.main([str(tmp_path / "empty-dir-not-here"), "--html", str(out)]) == 2
+
+
+def _with_per_example(root: Path) -> Path:
+    """Two methods scored on the same 100 examples per set, loreft right on 70% then 74%, lora on 40% then 42%."""
+    ids = " ".join(f"{i:012x}" for i in range(100))
+    for i, (method, right) in enumerate((("loreft", 70), ("lora", 40), ("loreft", 74), ("lora", 42))):
+        rec = _record(method, 42 + i // 2, right / 100, table=None, task="commonsense",
+                      by_task={t: right / 100 for t in CS[:2]})
+        for v in rec["metrics"]["trained"]["by_task"].values():
+            v["per_example"] = {"ids": ids, "correct": "1" * right + "0" * (100 - right)}
+        path = root / f"run{i}" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(rec))
+    return root
+
+
+def test_page_shows_intervals_error_bars_and_the_paired_test(tmp_path):
+    runs, out = _with_per_example(tmp_path / "runs"), tmp_path / "page.html"
+    assert report.main([str(runs), "--html", str(out), "--out-dir", str(tmp_path / "tables")]) == 0
+    page = out.read_text()
+    assert "<th scope=col>Δ vs loreft [95% CI], p</th>" in page and "Mean ± 95% CI over seeds" in page
+    assert re.search(r'<td data-sort="-3[01]\.\d*">-31\.0 \[-\d+\.\d, -\d+\.\d\], p≤0\.002</td>', page)
+    assert "paired bootstrap over test examples" in page
+    assert '"error_y":{"array":[12.706' in page  # lora's average: 40, 42 -> t(0.975, 1) · √2 / √2
+    # from the CSV alone the page shows the same column
+    for f in (tmp_path / "tables").iterdir():
+        if f.suffix != ".csv":
+            f.unlink()
+    assert report.main([str(tmp_path / "tables"), "--html", str(out)]) == 0
+    assert "<th scope=col>Δ vs loreft [95% CI], p</th>" in out.read_text()

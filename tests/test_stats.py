@@ -68,9 +68,16 @@ def test_non_decomposable_metrics_are_recomputed_on_each_resample():
     ids = [f"{i:012x}" for i in range(300)]
     mk = lambda p: stats.Stratum(ids, "matthews_correlation", prediction=p.astype(float), label=labels.astype(float),  # noqa: E731
                                  glue_task="cola")
-    t = stats.paired_test([(mk(good), mk(bad))], resamples=200)
+    t = stats.paired_test([(mk(good), mk(bad))])
     assert t.delta == pytest.approx(100 * (matthews_corrcoef(labels, good) - matthews_corrcoef(labels, bad)))
     assert t.low < t.delta < t.high and t.p < 0.01
+    # STS-B: Pearson's r of a close and a noisy regression
+    gold = rng.uniform(0, 5, 300)
+    close, noisy = gold + rng.normal(0, 0.5, 300), gold + rng.normal(0, 3, 300)
+    mk = lambda p: stats.Stratum(ids, "pearson", prediction=p, label=gold, glue_task="stsb")  # noqa: E731
+    t = stats.paired_test([(mk(close), mk(noisy))])
+    assert t.delta == pytest.approx(100 * (sps.pearsonr(close, gold)[0] - sps.pearsonr(noisy, gold)[0]))
+    assert t.low > 0 and t.significant
 
 
 def test_runs_on_different_examples_are_not_paired():

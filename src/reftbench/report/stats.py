@@ -12,6 +12,7 @@
 scipy.stats.bootstrap has no strata (seeds and sets must be resampled apart), hence numpy here.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,12 @@ def _metric(s: Stratum, idx: np.ndarray) -> np.ndarray:
     """The stratum's metric on each row of resampled indices idx (resamples × n)."""
     if s.correct is not None:
         return s.correct[idx].mean(axis=1)
+    binary = s.metric == "matthews_correlation" and set(np.unique(s.label)) <= {0, 1}
+    if s.metric == "pearson" or binary:  # vectorised over resamples: MCC of two 0/1 vectors is their Pearson r
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constant resample: r undefined
+            r = sps.pearsonr(s.prediction[idx], s.label[idx], axis=1).statistic
+        return np.nan_to_num(r, nan=0.0) if binary else r  # sklearn's MCC is 0 when undefined
     from ..tasks import glue_metrics
     with np.errstate(all="ignore"):
         return np.array([glue_metrics(s.glue_task, s.prediction[i], s.label[i])[s.metric] for i in idx])
