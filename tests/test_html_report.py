@@ -157,8 +157,8 @@ def _with_per_example(root: Path) -> Path:
     for i, (method, right) in enumerate((("loreft", 70), ("lora", 40), ("loreft", 74), ("lora", 42))):
         rec = _record(method, 42 + i // 2, right / 100, table=None, task="commonsense",
                       by_task={t: right / 100 for t in CS[:2]})
-        for v in rec["metrics"]["trained"]["by_task"].values():
-            v["per_example"] = {"ids": ids, "correct": "1" * right + "0" * (100 - right)}
+        rec["metrics"]["trained"]["per_example"] = {"by_task": {t: {"ids": ids, "correct": "1" * right + "0" * (100 - right)}
+                                                            for t in CS[:2]}}
         path = root / f"run{i}" / "result.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(rec))

@@ -210,13 +210,14 @@ def test_the_tuning_budget_is_under_the_table(tmp_path, capsys):
 
 
 def test_average_rows_pool_their_sets():
-    by_task = lambda rate, seed: {t: {"accuracy": rate, "per_example": _per_example(_correct(100, rate, seed + k))}  # noqa: E731
-                                  for k, t in enumerate(("aqua", "gsm8k"))}
+    sets = ("aqua", "gsm8k")
     recs = []
     for method, rate in (("loreft", 0.7), ("lora", 0.3)):
         for seed in (42, 43):
             r = _record(method, seed, [1])
-            r["task"], r["metrics"]["trained"] = "math", {"by_task": by_task(rate, seed), "accuracy": rate}
+            r["task"], r["metrics"]["trained"] = "math", {
+                "by_task": {t: {"accuracy": rate} for t in sets}, "accuracy": rate,
+                "per_example": {"by_task": {t: _per_example(_correct(100, rate, seed + k)) for k, t in enumerate(sets)}}}
             recs.append(r)
     rows = {(r["method"], r["task"]): r for r in report.tables(recs)["results"]}
     avg = rows[("lora", "avg")]
@@ -255,10 +256,10 @@ def test_a_several_set_run_records_per_example_scores_per_set(tmp_path):
                    "task.max_new_tokens=4", "trainer.max_steps=1", "trainer.batch_size=4", "intervention.rank=2",
                    "eval_frozen=false")
     rec = run(cfg, tmp_path)
-    sets = rec["metrics"]["trained"]["by_task"]
-    assert len(sets) == 8
-    for v in sets.values():
-        s = stats.stratum(v)
+    m = rec["metrics"]["trained"]
+    assert len(m["by_task"]) == 8 and set(m["per_example"]["by_task"]) == set(m["by_task"])
+    for name, v in m["by_task"].items():
+        s = stats.stratum(m, name)
         assert len(s.ids) == v["n"] and s.correct.mean() == pytest.approx(v["accuracy"])
 
 

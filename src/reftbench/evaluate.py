@@ -76,10 +76,11 @@ def by_sets(task, records, outputs, correct=None) -> dict:
     HellaSwag's 10k of commonsense's 22k) stays beside it as `micro_accuracy`."""
     from .tasks import accuracy_by_eval_task
     sets = accuracy_by_eval_task(task, records, outputs)
-    if correct is not None:  # each set's examples, in test-record order, beside its score
-        for name, v in sets.items():
-            mine = [i for i, r in enumerate(records) if r.get("eval_task", task.name) == name]
-            v["per_example"] = per_example([records[i] for i in mine], [correct[i] for i in mine])
+    if correct is not None:  # each set's examples, in test-record order, under the set's name
+        split = {name: [i for i, r in enumerate(records) if r.get("eval_task", task.name) == name] for name in sets}
+        examples = {"by_task": {name: per_example([records[i] for i in mine], [correct[i] for i in mine])
+                                for name, mine in split.items()}}
     micro = sum(v["accuracy"] * v["n"] for v in sets.values()) / max(1, sum(v["n"] for v in sets.values()))
     macro = sum(v["accuracy"] for v in sets.values()) / max(1, len(sets))
-    return {"by_task": sets, "accuracy": macro, "micro_accuracy": micro, "average": "macro"}
+    out = {"by_task": sets, "accuracy": macro, "micro_accuracy": micro, "average": "macro"}
+    return out if correct is None else {**out, "per_example": examples}

@@ -42,9 +42,12 @@ class Stratum:
     glue_task: str | None = None
 
 
-def stratum(metrics: dict | None) -> Stratum | None:
-    """The per-example data of a metrics dict (or a by_task entry); None when it has none (older runs)."""
+def stratum(metrics: dict | None, test_set: str | None = None) -> Stratum | None:
+    """The per-example data of a metrics dict (of `test_set`'s examples, for a run scored on several
+    sets); None when it has none (older runs)."""
     pe = (metrics or {}).get("per_example")
+    if isinstance(pe, dict) and isinstance(pe.get("by_task"), dict):
+        pe = pe["by_task"].get(test_set)
     if not isinstance(pe, dict) or not pe.get("ids"):
         return None
     ids = pe["ids"].split()

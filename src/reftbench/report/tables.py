@@ -1,9 +1,9 @@
 """Results tables from result.json records, beside the paper's numbers.
 
 A *cell* is one (table, model, method row, task). Runs that differ only in their seed share a cell:
-its score is the mean ± the half-width of a 95% confidence interval over seeds (Student t), and
-a paired test over test examples against a reference method in the same column (report/stats.py). A run that was one of the
-paper's rows (its experiment file sets `table` and `row`) and changed none of that file's settings
+its score is the mean ± the half-width of a 95% confidence interval over seeds (Student t), with a
+paired test over test examples against a reference method of the same column (report/stats.py).
+A run that was one of the paper's rows (its experiment file sets `table` and `row`) and changed none of that file's settings
 takes the paper's row name and sits beside the paper's number; any other run is labelled by its
 method and the options in which it differs from its neighbours (`loreft (intervention.rank=8)`).
 The paper's rows that were not run, and the tasks of a run row that are missing, are gaps ("–").
@@ -222,9 +222,7 @@ def strata(cell: Cell) -> dict[tuple, "stats.Stratum | None"]:
     out = {}
     for c in (cell.parts if cell.average else [cell]):
         for r in c.runs:
-            m = (r.get("metrics") or {}).get("trained") or {}
-            by_task = m.get("by_task")
-            out[(c.task, r.get("seed"))] = stats.stratum(by_task.get(c.task) if isinstance(by_task, dict) else m)
+            out[(c.task, r.get("seed"))] = stats.stratum(((r.get("metrics") or {}).get("trained") or {}), c.task)
     return out
 
 
