@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reftbench import report
+from reftbench.report.html import rows_from_csv
 
 CS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-e", "arc-c", "obqa"]
 EVIL = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
@@ -179,3 +180,9 @@ def test_page_shows_intervals_error_bars_and_the_paired_test(tmp_path):
             f.unlink()
     assert report.main([str(tmp_path / "tables"), "--html", str(out)]) == 0
     assert "<th scope=col>Δ vs loreft [95% CI], p</th>" in out.read_text()
+
+
+def test_a_csv_from_before_the_intervals_shows_them_from_its_std():
+    old = "model,method,task,mean,std,n\ntiny,loreft,obqa,60.0,10.0,3\ntiny,lora,obqa,50.0,,1\n"
+    rows = {r["method"]: r for r in rows_from_csv(old)}
+    assert rows["loreft"]["ci95"] == pytest.approx(24.84, abs=0.01) and rows["lora"]["ci95"] is None  # 4.303 · 10 / √3

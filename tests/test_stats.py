@@ -156,9 +156,14 @@ def test_reference_option_and_an_unknown_reference(tmp_path, capsys):
     header, rows = _table(capsys.readouterr().out)
     assert rows["lora"]["Δ vs lora [95% CI], p"] == "reference"
     assert rows["loreft"]["Δ vs lora [95% CI], p"].startswith("+30.0 [")
-    assert report.main([str(tmp_path), "--reference", "dora"]) == 2
+    _write(tmp_path, "dora42", _record("dora", 42, [1, 0], per_example=False) | {"task": "piqa"})
+    assert report.main([str(tmp_path), "--reference", "lora"]) == 0
+    assert "No run of the reference in: tiny / piqa." in capsys.readouterr().out
+    assert report.main([str(tmp_path), "--reference", "dora"]) == 0  # dora's column has it, obqa's not
+    assert "No run of the reference in: tiny / obqa." in capsys.readouterr().out
+    assert report.main([str(tmp_path), "--reference", "vera"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--reference dora" in err
+    assert err.count("\n") == 0 and "--reference vera" in err
 
 
 def test_without_loreft_the_first_method_is_the_reference(tmp_path, capsys):

@@ -16,6 +16,7 @@ import math
 from html import escape
 
 from .figure import panels
+from .stats import t_interval_from_std
 from .tables import _texts, notes, one_decimal, wide
 
 CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -248,5 +249,7 @@ def rows_from_csv(text: str) -> list[dict]:
         row.update(model=r["model"], method=r["method"], task=r["task"], reference=r.get("reference") or None,
                    n=int(r["n"]) if r.get("n") else 0,
                    trainable=int(float(r["trainable"])) if r.get("trainable") else None, judged_offline=False)
+        if row["ci95"] is None and row["std"] is not None and row["n"] > 1:  # a CSV from before the intervals
+            row["ci95"] = t_interval_from_std(row["std"], row["n"])
         out.append(row)
     return out

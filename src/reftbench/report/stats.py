@@ -27,8 +27,12 @@ def t_interval(values: list[float], level: float = LEVEL) -> float | None:
     """Half-width of the Student-t interval of the mean; None for fewer than two values."""
     if len(values) < 2:
         return None
-    sem = float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return float(sps.t.ppf((1 + level) / 2, len(values) - 1)) * sem
+    return t_interval_from_std(float(np.std(values, ddof=1)), len(values), level)
+
+
+def t_interval_from_std(std: float, n: int, level: float = LEVEL) -> float:
+    """The same from a sample std (n − 1) of n values (a table's CSV keeps std and n)."""
+    return float(sps.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
 
 
 @dataclass

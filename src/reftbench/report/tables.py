@@ -444,6 +444,10 @@ def notes(table_rows: list[dict]) -> list[str]:
                 if r.get("test") is not None and r["test"].note and r["mean"] is not None]
     if unpaired:
         out.append("Not (fully) paired: " + "; ".join(unpaired) + ".")
+    alone = list(dict.fromkeys(f"{r['model']} / {r['task']}" for r in table_rows
+                               if refs and r["mean"] is not None and not r.get("reference")))
+    if alone:
+        out.append("No run of the reference in: " + ", ".join(alone) + ".")
     tuned = {r["method"]: r["tuned"] for r in table_rows if r.get("tuned")}
     if tuned:
         out.append("Tuned on a dev split: " + "; ".join(
