@@ -8,7 +8,7 @@
   replacement within every stratum, the same indices for both methods, recomputes each stratum's
   metric (so MCC and Pearson are recomputed, not averaged) and takes the mean over strata. The
   interval is the 2.5-97.5 percentile of the resampled differences; p is two-sided,
-  2·min(share ≤ 0, share ≥ 0) with the +1 correction, so p < 0.05 exactly when 0 is outside the interval.
+  2·min(share ≤ 0, share ≥ 0) with the +1 correction, so p < 0.05 about when 0 is outside the interval.
 scipy.stats.bootstrap has no strata (seeds and sets must be resampled apart), hence numpy here.
 """
 import math
