@@ -2,7 +2,7 @@
 
 Each entry is named by a hash of everything that can change it, so a hit is always safe to reuse:
 other seeds, methods and learning rates of the same model and test set hit, a new weight, test
-example, tokenizer or generation setting misses. The folder is `cache_dir` (default
+example, tokenizer, generation setting, precision policy or scoring/encoding code misses. The folder is `cache_dir` (default
 $REFTBENCH_CACHE or ~/.cache/reftbench), shared by every process that can see it: put it on a
 shared filesystem and the jobs of a SLURM array score the frozen model once between them. Files are
 written atomically; a lock next to an entry makes concurrent jobs wait for the one computing it.

@@ -127,7 +127,7 @@ class Examples:
                 buf.append(e[k])
             lengths.append(len(e["input_ids"]))
         offsets = np.cumsum(np.frombuffer(lengths, dtype=np.int64))
-        columns = {k: np.frombuffer(buf, dtype=np.int32).copy() for k, buf in ragged.items()}
+        columns = {k: np.frombuffer(buf, dtype=np.int32) for k, buf in ragged.items()}  # no copy: the view keeps it
         numbers = {k: np.frombuffer(buf, dtype=np.float64).astype(kinds[k]) for k, buf in scalars.items()}
         return cls(columns, offsets, numbers)
 
