@@ -104,8 +104,9 @@ def collate_classification(examples, pad_id: int, regression: bool = False) -> d
 class Examples:
     """Tokenised examples held compactly: each list field (input_ids, labels) as one flat int32 array with
     offsets, each number field as one array. Indexing gives a dict of numpy views and plain numbers;
-    slicing gives another table. Python int lists cost ~36 bytes a token (a pointer and an int object);
-    this costs 4, which matters for commonsense_170k in every DDP process."""
+    slicing gives another table. Dicts of Python int lists cost ~50 bytes a token (input_ids and labels:
+    pointers and int objects), this ~8 (README, Caches), which matters for commonsense_170k in every
+    DDP process."""
 
     def __init__(self, ragged: dict, offsets: np.ndarray, scalars: dict):
         self.ragged, self.offsets, self.scalars = ragged, offsets, scalars  # offsets: n + 1 entries
@@ -139,9 +140,10 @@ class Examples:
             idx = range(len(self))[i]
             if idx.step != 1:
                 raise IndexError("Examples: only contiguous slices")
-            a, b = self.offsets[idx.start], self.offsets[idx.stop] if len(idx) else self.offsets[idx.start]
-            return Examples({k: v[a:b] for k, v in self.ragged.items()}, self.offsets[idx.start:idx.stop + 1] - a,
-                            {k: v[idx.start:idx.stop] for k, v in self.scalars.items()})
+            start, stop = idx.start, max(idx.start, idx.stop)
+            a, b = self.offsets[start], self.offsets[stop]
+            return Examples({k: v[a:b] for k, v in self.ragged.items()}, self.offsets[start:stop + 1] - a,
+                            {k: v[start:stop] for k, v in self.scalars.items()})
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i = i % len(self)
