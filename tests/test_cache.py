@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -114,8 +115,73 @@ def test_a_second_run_does_not_tokenise_the_training_data(monkeypatch, tmp_path)
 ])
 def test_cached_examples_read_back_exactly(tmp_path, examples):
     cache._save_examples(tmp_path / "x.npz", examples)
-    assert cache._load_examples(tmp_path / "x.npz") == examples
+    back = cache._load_examples(tmp_path / "x.npz")
+    assert back.as_lists() == examples
+    assert all(type(v) is type(examples[0][k]) for k, v in back.as_lists()[0].items())  # 0.25 stays a float, 1 an int
     assert cache._load_examples(tmp_path / "missing.npz") is None
+
+
+def test_examples_are_held_as_flat_int32_arrays():
+    """No Python int list per example: one int32 array per field and one offsets array, sliced as views."""
+    examples = [{"input_ids": list(range(n)), "labels": [-100] * n, "prompt_length": n, "truncated": n > 3}
+                for n in (2, 5, 3)]
+    table = data.Examples.build(iter(examples))
+    assert table.ragged["input_ids"].dtype == np.int32 and table.offsets.tolist() == [0, 2, 7, 10]
+    assert isinstance(table[1]["input_ids"], np.ndarray) and table[1]["input_ids"].base is not None  # a view
+    assert table[1:].as_lists() == examples[1:] and table[-1]["truncated"] is False and len(table[:0]) == 0
+    batch, plain = data.collate_train(table, 0), data.collate_train(examples, 0)
+    assert all(torch.equal(batch[k], plain[k]) for k in ("input_ids", "labels", "attention_mask"))
+    assert batch["prompt_lengths"] == [2, 5, 3]
+
+
+def test_a_changed_scoring_function_misses_the_frozen_cache(monkeypatch, tmp_path):
+    """The key holds the code that scores: a new answer check or scoring rule must not be served the
+    frozen score the old code computed (the package version does not change with it)."""
+    from reftbench import evaluate
+    where = f"cache_dir={tmp_path / 'cache'}"
+    first = run(config(where), tmp_path / "a")
+    again = run(config(where), tmp_path / "b")
+    assert first["cache"]["frozen_score"]["from"] == "computed" and again["cache"]["frozen_score"]["from"] == "cache"
+    real = evaluate.score
+
+    def stricter(task, records, outputs):  # a new scoring rule: only the non-empty outputs count
+        return real(task, records, [o if o.strip() else "\0" for o in outputs])
+
+    monkeypatch.setattr(evaluate, "score", stricter)
+    patched = run(config(where), tmp_path / "c")
+    assert patched["cache"]["frozen_score"]["from"] == "computed"
+    assert patched["cache"]["frozen_score"]["file"] != first["cache"]["frozen_score"]["file"]
+
+
+def test_a_changed_encoder_misses_the_token_cache(monkeypatch, tmp_path):
+    where = f"cache_dir={tmp_path / 'cache'}"
+    first = run(config(where, "eval_frozen=false"), tmp_path / "a")
+    assert first["cache"]["train_tokens"]["from"] == "computed"
+    real = data.encode_example
+
+    def without_eos(tok, prompt, target, max_length):  # a new encoding: no EOS after the answer
+        e = real(tok, prompt, target, max_length)
+        return e and dict(e, input_ids=e["input_ids"][:-1], labels=e["labels"][:-1])
+
+    monkeypatch.setattr(objectives, "encode_example", without_eos)
+    patched = run(config(where, "eval_frozen=false"), tmp_path / "b")
+    assert patched["cache"]["train_tokens"]["from"] == "computed"
+    assert patched["cache"]["train_tokens"]["file"] != first["cache"]["train_tokens"]["file"]
+
+
+def test_the_frozen_key_holds_the_precision_and_generation_config(tmp_path):
+    from reftbench import models, tasks
+    cfg = config()
+    task = tasks.build(cfg.task)
+    loaded = models.load(cfg.model, seed=int(cfg.seed))
+    objective = objectives.Generation(task, loaded.tokenizer, cfg.trainer.max_length)
+    records = task.load_splits(int(cfg.seed))["test"]
+    base = cache.digest(cache.frozen_key(cfg, loaded.model, objective, records))
+    assert cache.digest(cache.frozen_key(config("trainer.precision=fp32"), loaded.model, objective, records)) == base
+    assert cache.digest(cache.frozen_key(config("trainer.precision=bf16-mixed"), loaded.model, objective,
+                                         records)) != base
+    loaded.model.generation_config.repetition_penalty = 1.3
+    assert cache.digest(cache.frozen_key(cfg, loaded.model, objective, records)) != base
 
 
 def test_the_token_cache_key_covers_every_encoding_setting():

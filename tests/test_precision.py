@@ -142,3 +142,21 @@ def test_fp16_mixed_on_the_cpu_is_one_line():
         pytest.skip("a GPU is visible")
     with pytest.raises(ConfigError, match="fp16-mixed needs a GPU"):
         make_accelerator("fp16-mixed", "auto")
+
+
+def test_an_untrained_method_scores_as_the_frozen_model_under_bf16_mixed(tmp_path):
+    """intervention=none changes nothing, so its trained score and held-out loss must equal the frozen
+    ones: both are computed under the same autocast (bf16 matmuls on fp32 weights here)."""
+    from hydra import compose, initialize_config_dir
+    from reftbench.run import run
+    from conftest import ROOT
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=tiny-random-llama", "intervention=none", "trainer.precision=bf16-mixed", "trainer.max_steps=1",
+            "task.train_limit=16", "++task.heldout=4", "task.eval_limit=4", "task.max_new_tokens=4",
+            "trainer.batch_size=4", "eval_batch_size=4", "save_intervention=false", "cache=false", "device=cpu"])
+    record = run(cfg, tmp_path)
+    assert record["train"]["precision"] == "bf16-mixed"
+    frozen, trained = record["metrics"]["frozen"], record["metrics"]["trained"]
+    assert "heldout_loss" in frozen and "score" in frozen
+    assert trained == frozen

@@ -50,13 +50,13 @@ def test_loss_covers_prompt_and_answer():
     tok = char_tokenizer()
     llm = Generation(task("boolq"), tok, 512).encode([REC])[0]
     whole = tok(TRAIN)["input_ids"] + [tok.eos_token_id]
-    assert llm["input_ids"] == whole and llm["labels"] == whole  # every token, the prompt's included
+    assert list(llm["input_ids"]) == whole and list(llm["labels"]) == whole  # every token, the prompt's included
     reft = Generation(task("boolq", protocol="reft"), tok, 512).encode([REC])[0]
-    assert reft["labels"][:reft["prompt_length"]] == [-100] * reft["prompt_length"]  # ReFT: the answer only
+    assert list(reft["labels"][:reft["prompt_length"]]) == [-100] * reft["prompt_length"]  # ReFT: the answer only
     # cut at cutoff_len like LLM-Adapters: no EOS where there is no room, never dropped
     stats = {}
     short = Generation(task("boolq"), tok, 40).encode([REC], stats)[0]
-    assert short["input_ids"] == tok(TRAIN)["input_ids"][:40] == short["labels"]
+    assert list(short["input_ids"]) == tok(TRAIN)["input_ids"][:40] == list(short["labels"])
     assert stats["train_dropped_too_long"] == 0 and stats["train_truncated"] == 1
 
 

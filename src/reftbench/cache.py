@@ -2,16 +2,19 @@
 
 Each entry is named by a hash of everything that can change it, so a hit is always safe to reuse:
 other seeds, methods and learning rates of the same model and test set hit, a new weight, test
-example, tokenizer or generation setting misses. The folder is `cache_dir` (default
+example, tokenizer, generation setting, precision policy or scoring/encoding code misses. The folder is `cache_dir` (default
 $REFTBENCH_CACHE or ~/.cache/reftbench), shared by every process that can see it: put it on a
 shared filesystem and the jobs of a SLURM array score the frozen model once between them. Files are
 written atomically; a lock next to an entry makes concurrent jobs wait for the one computing it.
 Clear it by deleting the folders `frozen/` and `tokens/` in it.
 """
 import hashlib
+import importlib
+import inspect
 import json
 import logging
 import socket
+import sysconfig
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 
 from . import distributed
 from .atomic import atomic_path
+from .data import Examples
 from .objectives import count_lengths
 
 log = logging.getLogger("reftbench")
@@ -67,6 +71,57 @@ def _versions() -> dict:
     v = versions()
     return {k: v.get(k) for k in ("reftbench", "torch", "transformers", "tokenizers")}
 
+# The code that decides each cached value. Its source is hashed into the key (the package version
+# stays 0.1.0 while the code changes), read at call time: an edited file or a patched function misses.
+FROZEN_CODE = ("reftbench.evaluate", "reftbench.objectives", "reftbench.data", "reftbench.tasks.base",
+               "reftbench.tasks.answers", "reftbench.tasks.metrics", "reftbench.tasks.protocols")
+TOKENS_CODE = ("reftbench.objectives", "reftbench.data", "reftbench.tasks.base", "reftbench.tasks.protocols")
+_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def code_fingerprint(module_names) -> str:
+    """A hash of what the modules hold now: the source of each function and class that is not a
+    library's (a library's is named; its version is in the key), methods one by one, and constants."""
+    h = hashlib.sha256()
+    for name in module_names:
+        module = importlib.import_module(name)
+        for attr, obj in sorted(vars(module).items()):
+            if not attr.startswith("__") and not inspect.ismodule(obj):  # constants too: templates, tables
+                h.update(f"{name}.{attr}={_describe(obj)}\n".encode())
+    return h.hexdigest()
+
+
+def _describe(obj, depth: int = 0) -> str:
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if isinstance(obj, property):
+        return "property:" + _describe(obj.fget, depth)
+    if inspect.isfunction(obj) or inspect.isclass(obj):
+        where = f"{obj.__module__}.{obj.__qualname__}"
+        try:
+            file = inspect.getsourcefile(obj)
+        except TypeError:  # built in
+            file = None
+        library = file is not None and file.startswith(_LIBRARY_DIRS) and not obj.__module__.startswith("reftbench")
+        if file is None or library or depth > 1:
+            return where
+        if inspect.isclass(obj):  # its members as they are now, so a patched method counts
+            return where + "{" + ";".join(f"{k}={_describe(v, depth + 1)}" for k, v in sorted(vars(obj).items())
+                                          if not k.startswith("__") or k == "__init__") + "}"
+        try:
+            return inspect.getsource(obj)
+        except (OSError, TypeError):
+            return where
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return repr(obj)
+    if isinstance(obj, (set, frozenset)):
+        return "{" + ",".join(sorted(_describe(v, depth) for v in obj)) + "}"
+    if isinstance(obj, (tuple, list)):
+        return "[" + ",".join(_describe(v, depth) for v in obj) + "]"
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{k!r}:{_describe(v, depth)}" for k, v in obj.items()) + "}"
+    return type(obj).__qualname__
+
 
 @contextmanager
 def _lock(path: Path):
@@ -102,9 +157,14 @@ def frozen_key(cfg, model, objective, records) -> dict:
     for k in ("train_limit", "heldout"):  # training-only settings
         task_cfg.pop(k, None)
     device = next(model.parameters()).device  # where it ran (device=auto resolved), not what was asked
+    from .precision import resolve
+    generation = getattr(model, "generation_config", None)
     return {"model": model_cfg, "weights": weights_fingerprint(model), "tokenizer": tokenizer_fingerprint(objective.tok),
             "task": task_cfg, "objective": type(objective).__name__, "test_set": digest(records),
             "eval_batch_size": int(cfg.eval_batch_size),  # padding differs with the batch: numerics can too
+            "precision": resolve(cfg.trainer.precision, cfg.model.get("dtype", "float32")),  # the autocast it ran in
+            "generation_config": generation.to_dict() if generation is not None else None,
+            "code": code_fingerprint(FROZEN_CODE),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "versions": _versions()}
 
@@ -161,10 +221,11 @@ def tokens_key(objective, records) -> dict:
     task = objective.task
     return {"tokenizer": tokenizer_fingerprint(objective.tok), "objective": type(objective).__name__,
             "task": {k: getattr(task, k) for k in ENCODING_FIELDS},
-            "max_length": int(objective.max_length), "records": digest(records), "versions": _versions()}
+            "max_length": int(objective.max_length), "records": digest(records), "code": code_fingerprint(TOKENS_CODE),
+            "versions": _versions()}
 
 
-def tokenised(cfg, objective, records, stats: dict | None = None) -> tuple[list[dict], dict]:
+def tokenised(cfg, objective, records, stats: dict | None = None) -> tuple[Examples, dict]:
     """objective.encode(records, stats), read from the cache when the same tokenizer, task version,
     max_length and records were encoded before (commonsense_170k takes minutes to tokenise).
     `stats` gets the counts of cut and dropped examples either way."""
@@ -186,33 +247,18 @@ def tokenised(cfg, objective, records, stats: dict | None = None) -> tuple[list[
     return examples, {"from": "cache", "file": str(path)}
 
 
-def _save_examples(path: Path, examples: list[dict]) -> None:
-    """Lists of token ids are stored end to end with their lengths; numbers as one array per field."""
-    arrays = {}
-    for k, first in examples[0].items():
-        if isinstance(first, (list, tuple)):
-            arrays[f"{k}.values"] = np.fromiter((x for e in examples for x in e[k]), dtype=np.int64)
-            arrays[f"{k}.lengths"] = np.array([len(e[k]) for e in examples], dtype=np.int64)
-        else:
-            arrays[k] = np.array([e[k] for e in examples])
+def _save_examples(path: Path, examples) -> None:
+    """The compact table's arrays as they are (data.Examples): token ids end to end with offsets."""
+    if not isinstance(examples, Examples):
+        examples = Examples.build(examples)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **examples.arrays())
 
 
-def _load_examples(path: Path) -> list[dict] | None:
+def _load_examples(path: Path) -> Examples | None:
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError):
-        return None
-    columns = {}
-    for k, a in arrays.items():
-        if k.endswith(".values"):
-            name = k[: -len(".values")]
-            ends = np.cumsum(arrays[f"{name}.lengths"])
-            columns[name] = [v.tolist() for v in np.split(a, ends[:-1])]
-        elif not k.endswith(".lengths"):
-            columns[k] = a.tolist()
-    n = len(next(iter(columns.values())))
-    return [{k: col[i] for k, col in columns.items()} for i in range(n)]
+            return Examples.from_arrays({k: data[k] for k in data.files})
+    except (OSError, ValueError, KeyError):
+        return None  # missing, partial or of the old layout (no offsets): encode again

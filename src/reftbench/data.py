@@ -1,5 +1,16 @@
-"""Tokenisation and batching. Prompt and target are tokenised separately, so the prompt a model
-sees in training is token for token the prompt it sees at generation."""
+"""Tokenisation and batching, and the compact table that holds tokenised examples.
+
+Training examples are tokenised as pyreft's examples/loreft does: `prompt + answer` as one string,
+then EOS; the prompt length (where the labels start and ReFT's positions count) is the length of the
+prompt tokenised alone. With a SentencePiece tokenizer (LLaMA) the answer's first token is then the
+one the joint text gives, not the one a separate encoding of the answer gives (its leading "▁").
+Generation sees the prompt alone; its tokens equal the first tokens of the training input unless the
+tokenizer merges the prompt's last characters with the answer's first (e.g. "=" and "5" into "=5"):
+then, as in pyreft, the labels start at the prompt's own length and the merged token is not learnt.
+"""
+from array import array
+
+import numpy as np
 import torch
 
 
@@ -12,15 +23,15 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> dict | None:
-    """input_ids = prompt + target + EOS; labels cover target + EOS only. None if no target fits."""
-    p = encode_prompt(tokenizer, prompt)
-    t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + t)[:max_length]
-    if len(p) >= len(ids):
+    """input_ids = tok(prompt + target) + EOS, cut at max_length; labels are -100 over the prompt's own
+    length and the ids after it. None when the prompt alone fills max_length (no answer token left)."""
+    p = len(encode_prompt(tokenizer, prompt))
+    whole = encode_prompt(tokenizer, prompt + target) + [tokenizer.eos_token_id]
+    ids = whole[:max_length]
+    if p >= len(ids):
         return None
-    labels = [-100] * len(p) + t
-    return {"input_ids": ids, "labels": labels[: len(ids)], "prompt_length": len(p),
-            "truncated": len(p) + len(t) > max_length}
+    return {"input_ids": ids, "labels": [-100] * p + ids[p:], "prompt_length": p,
+            "truncated": len(whole) > max_length}
 
 
 def encode_whole(tokenizer, text: str, prompt: str, max_length: int) -> dict:
@@ -35,7 +46,11 @@ def encode_whole(tokenizer, text: str, prompt: str, max_length: int) -> dict:
     return {"input_ids": ids, "labels": list(ids), "prompt_length": min(p, len(ids)), "truncated": full > max_length}
 
 
-def collate_train(examples: list[dict], pad_id: int) -> dict:
+def _ids(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.long)
+
+
+def collate_train(examples, pad_id: int) -> dict:
     """Right padding: every prompt starts at position 0."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -43,11 +58,11 @@ def collate_train(examples: list[dict], pad_id: int) -> dict:
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for b, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[b, :n] = torch.tensor(e["input_ids"])
-        labels[b, :n] = torch.tensor(e["labels"])
+        ids[b, :n] = _ids(e["input_ids"])
+        labels[b, :n] = _ids(e["labels"])
         mask[b, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "prompt_lengths": [e["prompt_length"] for e in examples],
+            "prompt_lengths": [int(e["prompt_length"]) for e in examples],
             "prompt_offsets": [0] * len(examples)}
 
 
@@ -74,13 +89,90 @@ def encode_pair(tokenizer, record: dict, max_length: int) -> dict:
             "truncated": full > max_length}
 
 
-def collate_classification(examples: list[dict], pad_id: int, regression: bool = False) -> dict:
+def collate_classification(examples, pad_id: int, regression: bool = False) -> dict:
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for b, e in enumerate(examples):
-        ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        ids[b, : len(e["input_ids"])] = _ids(e["input_ids"])
         mask[b, : len(e["input_ids"])] = 1
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "prompt_lengths": [e["prompt_length"] for e in examples], "prompt_offsets": [0] * len(examples)}
+            "prompt_lengths": [int(e["prompt_length"]) for e in examples], "prompt_offsets": [0] * len(examples)}
+
+
+class Examples:
+    """Tokenised examples held compactly: each list field (input_ids, labels) as one flat int32 array with
+    offsets, each number field as one array. Indexing gives a dict of numpy views and plain numbers;
+    slicing gives another table. Dicts of Python int lists cost ~50 bytes a token (input_ids and labels:
+    pointers and int objects), this ~8 (README, Caches), which matters for commonsense_170k in every
+    DDP process."""
+
+    def __init__(self, ragged: dict, offsets: np.ndarray, scalars: dict):
+        self.ragged, self.offsets, self.scalars = ragged, offsets, scalars  # offsets: n + 1 entries
+
+    @classmethod
+    def build(cls, examples) -> "Examples":
+        """From an iterable of dicts (lists or arrays of ids, and numbers), read once and not kept."""
+        ragged, scalars, kinds, lengths = {}, {}, {}, array("q", [0])
+        for e in examples:
+            if not lengths[1:]:  # the first example names the columns
+                for k, v in e.items():
+                    if isinstance(v, (list, tuple, np.ndarray)):
+                        ragged[k] = array("i")
+                    else:
+                        scalars[k], kinds[k] = array("d"), _dtype(v)
+            for k, buf in ragged.items():
+                buf.extend(e[k])
+            for k, buf in scalars.items():
+                buf.append(e[k])
+            lengths.append(len(e["input_ids"]))
+        offsets = np.cumsum(np.frombuffer(lengths, dtype=np.int64))
+        columns = {k: np.frombuffer(buf, dtype=np.int32) for k, buf in ragged.items()}  # no copy: the view keeps it
+        numbers = {k: np.frombuffer(buf, dtype=np.float64).astype(kinds[k]) for k, buf in scalars.items()}
+        return cls(columns, offsets, numbers)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            idx = range(len(self))[i]
+            if idx.step != 1:
+                raise IndexError("Examples: only contiguous slices")
+            start, stop = idx.start, max(idx.start, idx.stop)
+            a, b = self.offsets[start], self.offsets[stop]
+            return Examples({k: v[a:b] for k, v in self.ragged.items()}, self.offsets[start:stop + 1] - a,
+                            {k: v[start:stop] for k, v in self.scalars.items()})
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        out = {k: v[a:b] for k, v in self.ragged.items()}
+        out.update({k: v[i].item() for k, v in self.scalars.items()})
+        return out
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def as_lists(self) -> list[dict]:
+        """Plain Python values (for comparisons and JSON)."""
+        return [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in e.items()} for e in self]
+
+    def arrays(self) -> dict:
+        """Every column by name, and `offsets`: what the cache stores."""
+        return {**{f"{k}.values": v for k, v in self.ragged.items()}, "offsets": self.offsets,
+                **{k: v for k, v in self.scalars.items()}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "Examples":
+        ragged = {k[: -len(".values")]: v for k, v in arrays.items() if k.endswith(".values")}
+        scalars = {k: v for k, v in arrays.items() if k != "offsets" and not k.endswith(".values")}
+        return cls(ragged, arrays["offsets"], scalars)
+
+
+def _dtype(value):
+    """Numbers are gathered as float64 (exact for ids, labels and lengths) and kept in their own type."""
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_
+    return np.int64 if isinstance(value, (int, np.integer)) else np.float64

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import collate_classification, collate_train, encode_example, encode_pair, encode_whole, to_device
+from .data import Examples, collate_classification, collate_train, encode_example, encode_pair, encode_whole, to_device
 from .methods.base import active
 from .evaluate import evaluate as evaluate_generation
 from .train import answer_loss
@@ -61,12 +61,12 @@ class Generation:
         prompt alone fills max_length has no answer token left to learn and is dropped. `stats`
         receives both counts."""
         if self.task.loss_on_prompt:  # task.protocol=llm_adapters
-            kept = [encode_whole(self.tok, self.task.train_text(r), self.task.train_prompt(r), self.max_length)
-                    for r in records]
+            kept = (encode_whole(self.tok, self.task.train_text(r), self.task.train_prompt(r), self.max_length)
+                    for r in records)
         else:
-            kept = [e for r in records
-                    if (e := encode_example(self.tok, self.task.prompt(r), self.task.target_text(r), self.max_length))]
-        return count_lengths(kept, len(records), self.max_length, stats)
+            kept = (e for r in records
+                    if (e := encode_example(self.tok, self.task.prompt(r), self.task.target_text(r), self.max_length)))
+        return count_lengths(Examples.build(kept), len(records), self.max_length, stats)
 
     def collate(self, examples):
         return collate_train(examples, self.tok.pad_token_id)
@@ -98,7 +98,7 @@ class Classification:
 
     def encode(self, records, stats: dict | None = None):
         """Inputs longer than max_length are truncated (none is dropped); `stats` receives the count."""
-        return count_lengths([encode_pair(self.tok, r, self.max_length) for r in records], len(records),
+        return count_lengths(Examples.build(encode_pair(self.tok, r, self.max_length) for r in records), len(records),
                              self.max_length, stats)
 
     def collate(self, examples):

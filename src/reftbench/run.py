@@ -124,12 +124,13 @@ def _run(cfg, out_dir: Path) -> dict:
 
     metrics, frozen_from = {}, None
     if cfg.eval_frozen and objective.frozen_baseline:  # once per model and test set: cache.py
-        with distributed.sharded(accelerator):  # under DDP each process scores a share of the batches
+        with accelerator.autocast(), distributed.sharded(accelerator):  # as the trained score; DDP: a share each
             metrics["frozen"], frozen_from = cache.frozen_score(cfg, model, objective, test_records, lambda: objective.evaluate(
                 model, test_records, cfg.eval_batch_size, desc="eval frozen")[0])
         log.info("frozen model: %s (%s)", _score_text(metrics["frozen"]), frozen_from["from"])
     if heldout:  # open-ended tasks: the answer loss on held-out training examples, computed offline
-        metrics.setdefault("frozen", {})["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size)
+        with accelerator.autocast():
+            metrics.setdefault("frozen", {})["heldout_loss"] = mean_loss(objective, model, heldout, cfg.eval_batch_size)
 
     wandb_log = _wandb(cfg) if main else None
     seed_everything(int(cfg.seed))  # the method's initialisation does not depend on eval_frozen
