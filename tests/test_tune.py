@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FIX = Path(__file__).resolve().parent / "fixtures"
 TINY = ["model=tiny-random-llama", "trainer.max_steps=2", "task.train_limit=16", "task.eval_limit=4",
-        "task.dev_size=4", "task.max_new_tokens=4", "trainer.batch_size=4", "eval_batch_size=8",
+        "task.dev_size=4", "task.max_new_tokens=2", "trainer.checkpoints=false", "trainer.batch_size=4", "eval_batch_size=8",
         "save_intervention=false"]
 
 
@@ -275,3 +275,13 @@ def test_command_line_module_exits_2_without_traceback(tmp_path):
                           "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == "reftbench-tune: error: --trials='-1' must be an integer >= 1"
+
+
+def test_report_groups_runs_with_and_without_a_search_block_together():
+    from reftbench.report.tables import options
+    old = {"config": {"intervention": {"name": "loreft", "rank": 4}, "trainer": {"lr": None}, "task": {"name": "t"}}}
+    new = json.loads(json.dumps(old))
+    new["config"]["intervention"]["search"] = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    assert options(new) == options(old)
+    new["config"]["intervention"]["rank"] = 8
+    assert options(new) != options(old)
