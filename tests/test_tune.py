@@ -285,3 +285,15 @@ def test_report_groups_runs_with_and_without_a_search_block_together():
     assert options(new) == options(old)
     new["config"]["intervention"]["rank"] = 8
     assert options(new) != options(old)
+
+
+def test_glue_tuning_fixes_the_validation_halves_to_the_tuning_seed(tmp_path):
+    fixed = task("sst2", data_dir=str(FIX / "glue" / "SST-2"), split_seed=7)
+    pyreft = task("sst2", data_dir=str(FIX / "glue" / "SST-2"))  # the halves follow the run seed
+    assert fixed.load_splits(1)["select"] == fixed.load_splits(2)["select"] == pyreft.load_splits(7)["select"]
+    assert pyreft.load_splits(1)["select"] != pyreft.load_splits(2)["select"]
+    over = ["model=tiny-random-bert", "task=sst2"]
+    tuning = tune.Tuning(tune.parse(["--methods", "loreft,lora", "--seeds", "5,6", "--out", str(tmp_path)]), over)
+    assert tuning.overrides == over + ["task.split_seed=5"]
+    with pytest.raises(ConfigError, match="task.split_seed='x'"):
+        task("sst2", split_seed="x")

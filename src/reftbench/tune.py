@@ -157,6 +157,11 @@ class Tuning:
         self.overrides = quote_semicolons(list(overrides))
         check_overrides(self.overrides, set())
         self.spaces, self.base = {}, {}
+        first = compose(self.overrides)
+        if first.task.get("kind") == "classification" and first.task.get("split_seed") is None:
+            # GLUE's selection (= dev) and test halves follow the run seed: fixed to the tuning seed, no
+            # final seed tests on examples the trials were selected on
+            self.overrides.append(f"task.split_seed={self.tune_seed}")
         for m in self.methods:  # every bad input ends here, before anything trains
             cfg = compose(self.overrides + [f"intervention={m}"])
             self.spaces[m] = search_space(cfg, m)

@@ -37,6 +37,7 @@ class Task:
     num_labels: int | None = None  # classification: 1 means regression (STS-B)
     train_limit: int | None = None
     dev_size: int | float | None = None  # training examples held out as a dev split: a count or a fraction
+    split_seed: int | None = None  # GLUE: the seed of the selection/test halves (null: the run's, as pyreft)
     eval_limit: int | None = None
     heldout: int = 0  # training examples kept aside to report the answer loss on (open-ended tasks)
     protocol: str = "reft"  # reft or llm_adapters (tasks/protocols.py): prompts, loss and answer check
@@ -92,7 +93,8 @@ class Task:
         if self.eval_tasks:  # one training set, several test sets: tag each record with its set
             out["test"] = [dict(r, eval_task=name) for name in self.eval_tasks for r in self._limit(raw[name])]
         elif self.kind == "classification":
-            out["select"], test = split_validation(raw["validation"], seed)
+            halves = seed if self.split_seed is None else int(self.split_seed)
+            out["select"], test = split_validation(raw["validation"], halves)
             out["test"] = self._limit(test)
             out["dev"] = out["select"]
         else:
@@ -198,6 +200,9 @@ def build(cfg) -> Task:
     for k in ("train_limit", "eval_limit"):
         if data.get(k) is not None and int(data[k]) < 1:
             raise ConfigError(f"task.{k}={data[k]} must be a positive number of examples (or null for all)")
+    split_seed = data.get("split_seed")
+    if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0):
+        raise ConfigError(f"task.split_seed={split_seed!r} must be a non-negative integer (or null: the run's seed)")
     dev = data.get("dev_size")
     if dev is not None:
         if isinstance(dev, bool) or not isinstance(dev, (int, float)) or dev <= 0 or (isinstance(dev, float) and dev >= 1):
