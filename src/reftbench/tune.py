@@ -251,8 +251,12 @@ class Tuning:
 
     # --- the chosen configs on the test split --------------------------------------------------------
     def final(self, method: str, study) -> None:
+        from optuna.trial import TrialState
         from .run import finished, run
-        best = study.best_trial
+        # the best of the first --trials finished trials: a study grown by an earlier, longer tuning
+        # still chooses within this budget (ties: the earlier trial)
+        done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+        best = max(done[: self.trials], key=lambda t: t.value)
         dev_record = json.loads((self.out / "trials" / method / str(best.number) / "result.json").read_text())
         tuned = {"trials": self.trials, "max_steps": self.budget["max_steps"], "epochs": self.budget["epochs"],
                  "dev_size": dev_record["data"].get("dev_size"), "dev_digest": dev_record["data"].get("dev_digest"),
