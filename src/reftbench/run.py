@@ -35,7 +35,13 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def _eval_split(cfg) -> str:
+    return cfg.get("eval_split") or "test"  # configs recorded before the key existed
+
+
 def check_run(cfg) -> None:
+    if _eval_split(cfg) not in ("test", "dev"):
+        raise ConfigError(f"eval_split={cfg.eval_split!r} is unknown: use test or dev")
     for key in ("seed", "eval_batch_size"):
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
@@ -113,9 +119,9 @@ def _run(cfg, out_dir: Path) -> dict:
         check_compressible(cfg.intervention.name)
     objective = kind(task, tok, cfg.trainer.max_length)
     splits = task.load_splits(int(cfg.seed))
-    data_stats = {"files": task.loaded_files}  # which files; how many examples max_length cut or dropped
+    data_stats = {"files": task.loaded_files, **tasks.dev_facts(splits, _eval_split(cfg))}  # which files; the dev split
     train_set, tokens_from = cache.tokenised(cfg, objective, splits["train"], data_stats)  # tokenised once: cache.py
-    test_records, select = splits["test"], splits.get("select")
+    test_records, select = splits[_eval_split(cfg)], splits.get("select")  # eval_split=dev: the test is never scored
     heldout, train_set = train_set[:task.heldout], train_set[task.heldout:]
     if not train_set:
         raise ConfigError(f"no training example of task={task.name} fits trainer.max_length={cfg.trainer.max_length}")

@@ -104,6 +104,7 @@ def active(method: "Method | None", batch: dict):
 
 def _config_from(cfg) -> MethodConfig:
     data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    data.pop("search", None)  # reftbench-tune's search space, not an option of the method
     name = data.get("name")
     if name not in REGISTRY:
         raise ConfigError(f"intervention={name!r} is unknown: choose one of {', '.join(sorted(REGISTRY))}")

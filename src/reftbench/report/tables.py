@@ -97,7 +97,8 @@ def _flat(d, prefix=""):
 def options(record: dict) -> dict:
     """What makes runs different experiments, apart from the seed."""
     cfg = record.get("config") or {}
-    return _flat({"intervention": cfg.get("intervention"), "trainer": cfg.get("trainer"), "task": cfg.get("task"),
+    intervention = {k: v for k, v in (cfg.get("intervention") or {}).items() if k != "search"}  # reftbench-tune's space
+    return _flat({"intervention": intervention, "trainer": cfg.get("trainer"), "task": cfg.get("task"),
                   "task_version": record.get("task_version")})
 
 

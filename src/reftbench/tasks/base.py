@@ -1,4 +1,6 @@
 """A task is declared in conf/task/*.yaml; this turns that config into data and checks."""
+import hashlib
+import json
 import random
 import string
 from dataclasses import dataclass, field, fields
@@ -10,6 +12,7 @@ from .loaders import LOADERS
 from .metrics import GLUE_TASKS, split_validation
 
 KINDS = ("generation", "classification")
+DEV_SEED = 17  # the dev split's own seed: not the run's, so every method and seed holds out the same examples
 METRICS = {"accuracy", "alpaca_eval", "matthews_correlation", "pearson"}
 
 
@@ -33,6 +36,8 @@ class Task:
     hub: dict = field(default_factory=dict)  # role -> datasets.load_dataset kwargs, used without data_dir
     num_labels: int | None = None  # classification: 1 means regression (STS-B)
     train_limit: int | None = None
+    dev_size: int | float | None = None  # training examples held out as a dev split: a count or a fraction
+    split_seed: int | None = None  # GLUE: the seed of the selection/test halves (null: the run's, as pyreft)
     eval_limit: int | None = None
     heldout: int = 0  # training examples kept aside to report the answer loss on (open-ended tasks)
     protocol: str = "reft"  # reft or llm_adapters (tasks/protocols.py): prompts, loss and answer check
@@ -79,21 +84,35 @@ class Task:
         return ANSWER_CHECKS[self.answer](output, record.get("answer"), **args)
 
     def load_splits(self, seed: int) -> dict[str, list[dict]]:
-        """{"train", "test"} and, for classification, "select": the part of the validation set
-        used for model selection during training (the rest is the test part)."""
+        """{"train", "test"}, "dev" where the task has one and, for classification, "select": the
+        part of the validation set used for model selection during training (the rest is the test
+        part). On classification tasks "dev" is that selection part; elsewhere it is `dev_size`
+        training examples carved out before `train_limit` sampling (see `carve_dev`)."""
         raw = LOADERS[self.source](self, seed)
         out = {"train": raw["train"]}
         if self.eval_tasks:  # one training set, several test sets: tag each record with its set
             out["test"] = [dict(r, eval_task=name) for name in self.eval_tasks for r in self._limit(raw[name])]
         elif self.kind == "classification":
-            out["select"], test = split_validation(raw["validation"], seed)
+            halves = seed if self.split_seed is None else int(self.split_seed)
+            out["select"], test = split_validation(raw["validation"], halves)
             out["test"] = self._limit(test)
+            out["dev"] = out["select"]
         else:
             out["test"] = self._limit(raw["test"])
+        if self.dev_size:
+            out["dev"], out["train"] = carve_dev(out["train"], self.dev_count(len(out["train"])), out["test"])
         # A fixed subset, the same for every method and seed, so scores compare.
         if self.train_limit and len(out["train"]) > self.train_limit:
             out["train"] = random.Random(0).sample(out["train"], self.train_limit)
         return out
+
+    def dev_count(self, n_train: int) -> int:
+        size = self.dev_size
+        count = int(size) if isinstance(size, int) else round(float(size) * n_train)
+        if not 0 < count < n_train:
+            raise ConfigError(f"task.dev_size={size} leaves no dev or no training example of task={self.name}'s "
+                              f"{n_train} (use a count below {n_train} or a fraction in (0, 1))")
+        return count
 
     def load(self, seed: int) -> tuple[list[dict], list[dict]]:
         splits = self.load_splits(seed)
@@ -117,6 +136,33 @@ class Task:
         elif self.answer != "none":
             used.add("answer")
         return tuple(sorted(used))
+
+
+def _key(record: dict) -> str:
+    return json.dumps({k: v for k, v in record.items() if k != "eval_task"}, sort_keys=True, default=str)
+
+
+def carve_dev(train: list[dict], n: int, test: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(dev, rest): n training records drawn with DEV_SEED from the loaded training data, so the dev
+    split depends only on the data (never on the run's seed, the method or train_limit, which samples
+    from the rest afterwards). Duplicates are removed across the cut: a rest record equal to a dev
+    record is dropped, and so is a dev record equal to a test record, so the three are disjoint."""
+    picked = set(random.Random(DEV_SEED).sample(range(len(train)), n))
+    test_keys = {_key(r) for r in test}
+    dev = [r for i, r in enumerate(train) if i in picked and _key(r) not in test_keys]
+    dev_keys = {_key(r) for r in dev}
+    return dev, [r for i, r in enumerate(train) if i not in picked and _key(r) not in dev_keys]
+
+
+def dev_facts(splits: dict, eval_split: str) -> dict:
+    """For result.json's `data`: the dev split's size and digest (the same digest = the same dev
+    examples), and which split the run scores. eval_split=dev without a dev split is an error."""
+    dev = splits.get("dev")
+    if eval_split == "dev" and not dev:
+        raise ConfigError("eval_split=dev needs a dev split: set task.dev_size (a count or a fraction of the "
+                          "training data; GLUE tasks use their model-selection part)")
+    digest = hashlib.sha256(json.dumps(dev, sort_keys=True, default=str).encode()).hexdigest() if dev else None
+    return {"dev_size": len(dev) if dev else None, "dev_digest": digest, "eval_split": eval_split}
 
 
 _FIELDS = {f.name for f in fields(Task) if f.init}
@@ -154,6 +200,17 @@ def build(cfg) -> Task:
     for k in ("train_limit", "eval_limit"):
         if data.get(k) is not None and int(data[k]) < 1:
             raise ConfigError(f"task.{k}={data[k]} must be a positive number of examples (or null for all)")
+    split_seed = data.get("split_seed")
+    if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0):
+        raise ConfigError(f"task.split_seed={split_seed!r} must be a non-negative integer (or null: the run's seed)")
+    dev = data.get("dev_size")
+    if dev is not None:
+        if isinstance(dev, bool) or not isinstance(dev, (int, float)) or dev <= 0 or (isinstance(dev, float) and dev >= 1):
+            raise ConfigError(f"task.dev_size={dev!r} must be a count of training examples (>= 1), "
+                              "a fraction in (0, 1), or null for no dev split")
+        if kind == "classification":
+            raise ConfigError(f"task={data['name']} is a GLUE task: its dev split is the validation set's "
+                              "model-selection part already; leave task.dev_size null")
     for k in ("generation", "answer_args", "files", "hub", "checksums", "answer_args_by_set"):  # plain dicts
         data[k] = _plain(data.get(k) or {})
     data["eval_tasks"] = list(data.get("eval_tasks") or [])
