@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -64,7 +65,19 @@ def plan_line(p: dict) -> str:
 
 def finished(cfg, out_dir: Path) -> dict | None:
     """The record already in out_dir when it was written by this same config (an interrupted sweep
-    started again in the same folder), else None. Any difference in the config means a new run."""
+    started again in the same folder), else None. Any difference in the config means a new run.
+    In a distributed run the first process decides for all (the others' out_dir is not the run's
+    folder): a process that skipped alone would leave the rest waiting for it."""
+    record = _finished_here(cfg, out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+        state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+        record = broadcast_object_list([record if state.is_main_process else None])[0]
+    return record
+
+
+def _finished_here(cfg, out_dir: Path) -> dict | None:
     path = Path(out_dir) / "result.json"
     if not cfg.resume or not path.is_file():
         return None
@@ -141,7 +154,7 @@ def _run(cfg, out_dir: Path) -> dict:
     with distributed.sharded(accelerator):  # model selection runs on every process after each epoch
         stats = train(model, method, train_set, cfg.trainer, objective.collate, objective.loss, int(cfg.seed),
                       log_fn=wandb_log, extra_params=head, on_epoch_end=selection, accelerator=accelerator,
-                      checkpoint_dir=out_dir / "checkpoints", fingerprint=OmegaConf.to_container(cfg, resolve=True),
+                      checkpoint_dir=out_dir / "checkpoints", fingerprint=checkpoint.fingerprint(cfg),
                       resume=bool(cfg.resume))
     if selection:
         stats.update(selection.restore_best())
