@@ -49,19 +49,29 @@ class StopFlag:
         return prev if owner is not None and type(owner).__module__.startswith("submitit") else None
 
 
+_ACTIVE: list[StopFlag] = []  # the flag of the outermost open block
+
+
 @contextmanager
 def stop_on_signals():
     """Yields a StopFlag whose `signum` is set once a stop signal arrives; the previous handlers are
-    back when the block ends. Outside the main thread (signals cannot be caught there) nothing is set."""
+    back when the block ends. run() opens one around a whole run, so a signal during loading or the
+    frozen evaluation stops the run after its first step; a nested block shares the outer flag.
+    Outside the main thread (signals cannot be caught there) nothing is set."""
+    if _ACTIVE:
+        yield _ACTIVE[0]
+        return
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
     for sig in {signal.SIGTERM, signal.SIGUSR1, _submitit_signal()}:
         flag.previous[sig] = signal.signal(sig, flag._handle)
+    _ACTIVE.append(flag)
     try:
         yield flag
     finally:
+        _ACTIVE.remove(flag)
         for sig, prev in flag.previous.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 

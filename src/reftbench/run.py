@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import cache, checkpoint, distributed, methods, models, precision, tasks
+from . import cache, checkpoint, distributed, methods, models, precision, preempt, tasks
 from .errors import ConfigError
 from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
@@ -90,7 +90,7 @@ def _finished_here(cfg, out_dir: Path) -> dict | None:
 
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
     try:
-        with PeakRSS() as rss:
+        with PeakRSS() as rss, preempt.stop_on_signals():  # a SIGTERM from here on stops after a step, saved
             record, out_dir, main = _run(cfg, Path(out_dir))
     except BaseException:
         _wandb_failed()  # a run that raises still closes its wandb run, marked failed
