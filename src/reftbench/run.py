@@ -231,8 +231,15 @@ class _Selection:
         score = None if score is None or math.isnan(score) else float(score)
         if self.state is None or (score is not None and (self.best is None or score > self.best)):
             self.best, self.best_epoch = score, epoch
-            self.state = ({k: v.detach().clone() for k, v in self.method.state_dict().items()},
-                          [p.detach().clone() for p in self.head])
+            now = (self.method.state_dict(), list(self.head))
+            if self.state is None:
+                self.state = ({k: v.detach().clone() for k, v in now[0].items()}, [p.detach().clone() for p in now[1]])
+            else:  # into the copy already held: never two copies at once (a full finetune's is the model)
+                with torch.no_grad():
+                    for k, v in now[0].items():
+                        self.state[0][k].copy_(v)
+                    for kept, p in zip(self.state[1], now[1]):
+                        kept.copy_(p)
 
     def state_dict(self) -> dict:  # the best state so far goes into the run's checkpoints
         return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
@@ -246,6 +253,7 @@ class _Selection:
         with torch.no_grad():
             for p, saved in zip(self.head, head_state):
                 p.copy_(saved)
+        self.state = None  # restored: the copy is not needed any more
         return {"best_epoch": self.best_epoch, "selection_score": self.best}
 
 
