@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import cache, checkpoint, distributed, methods, models, precision, preempt, tasks
+from .atomic import atomic_path
 from .errors import ConfigError
 from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
@@ -167,8 +168,8 @@ def _run(cfg, out_dir: Path) -> dict:
         if head:  # the head trained too: keep it beside the intervention, under the model's own names
             from safetensors.torch import save_file
             ids = {id(p) for p in head}
-            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids},
-                      str(out_dir / "intervention" / "head.safetensors"))
+            with atomic_path(out_dir / "intervention" / "head.safetensors") as tmp:
+                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids}, str(tmp))
     if task.judged_offline and main:  # open-ended answers are judged offline by `alpaca_eval`
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
