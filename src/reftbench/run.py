@@ -249,12 +249,13 @@ class _Selection:
         self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state["state"]
 
     def restore_best(self) -> dict:
-        method_state, head_state = self.state
-        self.method.load_state_dict(method_state)
-        with torch.no_grad():
-            for p, saved in zip(self.head, head_state):
-                p.copy_(saved)
-        self.state = None  # restored: the copy is not needed any more
+        if self.state is not None:  # restored once; the copy is not needed after that
+            method_state, head_state = self.state
+            self.method.load_state_dict(method_state)
+            with torch.no_grad():
+                for p, saved in zip(self.head, head_state):
+                    p.copy_(saved)
+            self.state = None
         return {"best_epoch": self.best_epoch, "selection_score": self.best}
 
 
