@@ -113,6 +113,8 @@ def test_fingerprint_covers_training_only():
     for key, override in [("trainer.lr", "trainer.lr=0.5"), ("seed", "seed=7"), ("intervention.rank", "intervention.rank=3"),
                           ("trainer.precision", "trainer.precision=bf16-mixed"), ("task.train_limit", "task.train_limit=2")]:
         assert checkpoint.differing_keys(base, checkpoint.fingerprint(cfg(override))) == [key]
+    from omegaconf import OmegaConf  # a checkpoint of an earlier version holds the whole config: reduced the same way
+    assert checkpoint.fingerprint(OmegaConf.to_container(cfg("eval_batch_size=3"), resolve=True)) == base
 
 
 def test_a_checkpoint_missing_a_trained_tensor_is_refused_by_name(tmp_path):

@@ -35,7 +35,7 @@ NOT_TRAINING = {"model": ("path",), "task": ("data_dir", "hub", "max_new_tokens"
 def fingerprint(cfg) -> dict:
     """The part of a run's config that changes its training: model, task data, method, trainer
     (precision included) and seed. A checkpoint resumes only under the same fingerprint."""
-    full = OmegaConf.to_container(cfg, resolve=True)
+    full = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     out = {}
     for group in TRAINING_GROUPS:
         value = full.get(group)
@@ -99,7 +99,10 @@ class Saver:
             return None
         saved = json.loads((path / STATE).read_text())
         if self.allow_resume:  # a checkpoint of another training config is refused, never deleted
-            changed = differing_keys(saved.get("fingerprint"), self.fingerprint)
+            before = saved.get("fingerprint")
+            if isinstance(before, dict) and "eval_batch_size" in before:  # older checkpoints: the whole config
+                before = fingerprint(before)
+            changed = differing_keys(before, self.fingerprint)
             if changed:
                 shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 raise ConfigError(f"{path} was written with other training settings ({shown}): rerun with its "
