@@ -77,6 +77,15 @@ def test_signal_handlers_set_a_flag_and_are_restored():
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
+def test_a_second_signal_stops_at_once(tmp_path):
+    code = ("import os, signal, time\nfrom reftbench import preempt\nwith preempt.stop_on_signals() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.2)\n    assert stop.signum == signal.SIGTERM\n"
+            "    print('flagged', flush=True)\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n"
+            "print('not reached')\n")
+    res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert res.returncode == -signal.SIGTERM and "flagged" in res.stdout and "not reached" not in res.stdout
+
+
 def test_in_a_submitit_job_the_loop_hands_the_signal_to_submitit(monkeypatch):
     """submitit installs its handler on its own signal (USR2); after our checkpoint, that handler
     calls the launcher's checkpoint hook, requeues and exits."""

@@ -39,8 +39,13 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is None:
-            log.warning("%s received: stopping after this optimiser step, with a checkpoint", signal.Signals(signum).name)
-        self.signum = signum
+            log.warning("%s received: stopping after the next optimiser step, with a checkpoint (send it again "
+                        "to stop now, without one)", signal.Signals(signum).name)
+            self.signum = signum
+            return
+        # a second signal: the default action now (a run still loading or evaluating is not kept waiting)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def submitit_handler(self):
         """submitit's handler, when this process runs a submitit job (it installed one)."""
