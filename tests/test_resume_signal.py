@@ -16,7 +16,7 @@ from reftbench.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-# 24 examples, 2 per step, 2 epochs: 24 optimiser steps; the signal stops the run after step 1, mid-epoch
+# 24 examples, 2 per step, 2 epochs: 24 optimiser steps; the signal stops the run after its first steps
 OVERRIDES = ["model=tiny-random-llama", "task.train_limit=24", "task.eval_limit=4", "trainer.batch_size=2",
              "trainer.epochs=2", "intervention.rank=2", "intervention.layers='0;1'", "eval_frozen=false",
              "trainer.keep_checkpoints=true"]
@@ -51,7 +51,8 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_resumes_to_the_same_weights(tmp_p
     assert "stopped by SIGTERM after optimiser step" in text and "Traceback" not in text
     assert not (out / "result.json").exists()
     stopped_at = int(checkpoint.latest(out / "checkpoints").name.removeprefix("step-"))
-    assert stopped_at == 1 and "training: 24 optimiser steps from step 0" in text
+    # after step 1 unless the loaded machine let the run go on before the signal was sent
+    assert 0 < stopped_at < 24 and "training: 24 optimiser steps from step 0" in text
 
     again = run(cfg(), out)  # the same command, again in the same folder
     assert again["train"]["resumed_from_step"] == stopped_at and again["train"]["steps"] == 24
