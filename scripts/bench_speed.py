@@ -183,11 +183,15 @@ def main():
 
     import torch
     print(f"model {args.model}, batch {args.batch}x{args.length} ({args.answer} answer tokens each), "
-          f"{torch.get_num_threads()} threads, median of {args.reps}; unit = one frozen forward with full logits")
-    rows = [child(args, child="method", one=m) for m in args.methods.split(",")]
+          f"{torch.get_num_threads()} threads, median of {args.reps}; unit = one frozen forward with full logits",
+          flush=True)
     print(f"\n{'method':<8} {'trainable':>12} {'step (s)':>9} {'step / frozen fwd':>18} {'peak RSS (GiB)':>15}")
-    for r in rows:
-        print(f"{r['method']:<8} {r['trainable']:>12,} {r['step_s']:>9.3f} {r['step_over_frozen']:>18.2f} {r['peak_gib']:>15.2f}")
+    rows = []
+    for m in args.methods.split(","):  # each row as soon as its process is done (a loaded machine is slow)
+        r = child(args, child="method", one=m)
+        rows.append(r)
+        print(f"{r['method']:<8} {r['trainable']:>12,} {r['step_s']:>9.3f} {r['step_over_frozen']:>18.2f} {r['peak_gib']:>15.2f}",
+              flush=True)
     by = {r["method"]: r for r in rows}
     for other in ("lora", "full"):
         if "loreft" in by and other in by:

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from reftbench import checkpoint
+from reftbench.errors import ConfigError
 from reftbench.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,16 +80,57 @@ def test_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, uninterru
     assert json.loads((tmp_path / "result.json").read_text())["train"]["resumed_from_step"] == resumed_from
 
 
-def test_checkpoints_kept_on_request_and_another_config_starts_afresh(tmp_path):
-    first = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=2"), tmp_path)
-    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000002"
+def test_a_resubmitted_run_resumes_despite_harmless_changes_and_refuses_a_training_change(tmp_path):
+    steps = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=true"]
+    first = run(cfg(*steps), tmp_path)
     assert first["train"]["resumed_from_step"] is None
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000004"
+    saved = load_file(str(tmp_path / "intervention" / "weights.safetensors"))
     (tmp_path / "result.json").unlink()
-    again = run(cfg("trainer.keep_checkpoints=true", "trainer.max_steps=3"), tmp_path)  # another config
-    assert again["train"]["resumed_from_step"] is None and again["train"]["steps"] == 3
-    no_resume = run(cfg("trainer.keep_checkpoints=false", "trainer.max_steps=3", "resume=false"), tmp_path)
+    # what does not change training: evaluation batch, logging, where the cache lives, checkpoint cadence
+    again = run(cfg(*steps, "eval_batch_size=3", "wandb.project=other", f"cache_dir={tmp_path / 'cache'}",
+                    "trainer.save_every=3"), tmp_path)
+    assert again["train"]["resumed_from_step"] == 4 and again["train"]["steps"] == 4
+    assert json.loads((tmp_path / "result.json").read_text())["train"]["resumed_from_step"] == 4
+    now = load_file(str(tmp_path / "intervention" / "weights.safetensors"))
+    assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in now)
+
+    (tmp_path / "result.json").unlink()
+    with pytest.raises(ConfigError) as e:
+        run(cfg(*steps, "trainer.lr=0.02"), tmp_path)
+    assert "trainer.lr" in str(e.value) and "\n" not in str(e.value) and "eval_batch_size" not in str(e.value)
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000004"  # refused, not deleted
+    no_resume = run(cfg("trainer.max_steps=3", "resume=false", "trainer.keep_checkpoints=false"), tmp_path)  # told to: starts afresh
     assert no_resume["train"]["resumed_from_step"] is None
     assert not (tmp_path / "checkpoints").exists()  # removed once the run finished
+
+
+def test_fingerprint_covers_training_only():
+    base = checkpoint.fingerprint(cfg())
+    for harmless in ("eval_batch_size=3", "device=cpu", "wandb.enabled=true", "cache=false", "eval_frozen=true",
+                     "trainer.save_every=5", "trainer.keep_checkpoints=false", "model.path=/elsewhere"):
+        assert checkpoint.fingerprint(cfg(harmless)) == base, harmless
+    for key, override in [("trainer.lr", "trainer.lr=0.5"), ("seed", "seed=7"), ("intervention.rank", "intervention.rank=3"),
+                          ("trainer.precision", "trainer.precision=bf16-mixed"), ("task.train_limit", "task.train_limit=2")]:
+        assert checkpoint.differing_keys(base, checkpoint.fingerprint(cfg(override))) == [key]
+    from omegaconf import OmegaConf  # a checkpoint of an earlier version holds the whole config: reduced the same way
+    assert checkpoint.fingerprint(OmegaConf.to_container(cfg("eval_batch_size=3"), resolve=True)) == base
+
+
+def test_a_checkpoint_missing_a_trained_tensor_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+    run(cfg("trainer.max_steps=2", "trainer.save_every=1"), tmp_path)
+    last = checkpoint.latest(tmp_path / "checkpoints")
+    tensors = load_file(str(last / "model.safetensors"))
+    # the checkpoint holds the trained tensors only: no frozen weight, no constant d x d rotation base
+    assert tensors and not any(k.endswith(".base") for k in tensors)
+    others = [k for k in tensors if not k.startswith("method.")]
+    assert others and all("classifier" in k or "pooler" in k for k in others), others  # the head trains too
+    dropped = next(k for k in tensors if k.endswith("rotation.X"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(last / "model.safetensors"))
+    (tmp_path / "result.json").unlink()
+    with pytest.raises(ConfigError, match=f"lacks {dropped}"):
+        run(cfg("trainer.max_steps=2", "trainer.save_every=1"), tmp_path)
 
 
 def test_no_checkpoints_when_switched_off(tmp_path, monkeypatch):

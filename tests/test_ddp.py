@@ -127,3 +127,24 @@ def test_evaluation_is_split_over_the_processes_and_gathered_in_order(tmp_path):
         assert two["metrics"]["trained"]["n"] == one["metrics"]["trained"]["n"] == 12
         # the same outputs in the same order: the gather puts each process's batches back in place
         assert [s["output"] for s in two["samples"]] == [s["output"] for s in one["samples"]]
+
+
+def test_the_prepared_ddp_module_broadcasts_no_buffers(tmp_path):
+    launch([str(ROOT / "tests" / "helpers" / "ddp_buffers.py"), str(tmp_path / "ok")], tmp_path, 29617)
+    assert (tmp_path / "ok").read_text() == "ok"
+
+
+def test_a_finished_record_in_a_later_process_folder_does_not_make_it_skip_alone(tmp_path):
+    """A process > 0 runs in its working folder until the first process's run folder is broadcast; a
+    matching result.json there must not make it skip while the first process trains (the job would hang)."""
+    from reftbench.run import run
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=OVERRIDES)
+    run(cfg, tmp_path / "single")
+    record = (tmp_path / "single" / "result.json").read_text()
+    (tmp_path / "result.json").write_text(record)  # rank 1's folder (hydra.run.dir=.) only
+    res = launch(["-m", "reftbench.cli", *OVERRIDES], tmp_path, 29619, timeout=240)
+    assert "skipped" not in res.stdout
+    runs = [p for p in (tmp_path / "outputs").rglob("result.json")]
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["train"]["processes"] == 2
+    assert (tmp_path / "result.json").read_text() == record  # untouched

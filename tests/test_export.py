@@ -113,3 +113,28 @@ def test_missing_folder_and_missing_weights_are_one_line(runs, tmp_path, capsys)
     taken.write_text("a file, not a folder")
     assert export.main([str(runs["lora"]), "--out", str(taken)]) == 2
     assert "not an empty folder" in capsys.readouterr().err and taken.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("name,saved", [
+    ("orthdireft", {"learned_source.weight", "rotate_layer.parametrizations.weight.original"}),
+    ("consreft", {"learned_source", "rotate_layer.parametrizations.weight.0.base"}),
+    ("lobireft", {"learned_source", "rotate_layer.parametrizations.weight.original"}),
+])
+def test_the_whole_reft_family_exports_in_pyreft_format(name, saved, tmp_path):
+    from reftbench.integrations import pyreft
+    run_dir = train_run(tmp_path / name, f"intervention={name}", "intervention.rank=2", "trainer.lr=1e-2")
+    out = tmp_path / "pyreft"
+    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert {pyreft.class_name(t) for t in config["intervention_types"]} == {pyreft.PYREFT_CLASS[name]}
+    bins = sorted(out.glob("intkey_*.bin"))
+    assert bins and saved <= set(pyreft.read_bin(bins[0]))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_llama
+    base = tiny_llama(seed=42).model
+    method = pyreft.load(out, base)  # pyreft's files alone give back the run's intervention
+    batch = dict(IDS, prompt_lengths=[6, 6], prompt_offsets=[0, 0])
+    with torch.no_grad(), method.context(batch):
+        logits = base(**IDS).logits
+    assert torch.allclose(logits, run_logits(run_dir), atol=1e-5)
+    assert not torch.allclose(logits, frozen_logits(), atol=1e-4)  # the intervention does something

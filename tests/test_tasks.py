@@ -338,3 +338,13 @@ def test_finegates_presets_compose_for_every_glue_task(preset):
                 assert cfg.intervention[key] == gate_defaults[key], key
             assert effective_lr(cfg.trainer, cfg.intervention) == 1e-3
             assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_length) == (100, 16, 512)
+
+
+@pytest.mark.parametrize("row,count", [("a fine film\t1\textra", 3), ("no label here", 1)])
+def test_a_tsv_row_with_other_than_the_header_columns_is_one_line_naming_file_and_line(tmp_path, row, count):
+    (tmp_path / "train.tsv").write_text(f"sentence\tlabel\nit is good\t1\n{row}\nbad\t0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(ReftbenchError) as e:
+        task("sst2", data_dir=str(tmp_path)).load(0)
+    msg = str(e.value)
+    assert f"{tmp_path / 'train.tsv'} line 3: {count} columns, expected 2" in msg and "\n" not in msg

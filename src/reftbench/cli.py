@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ReftbenchError
+from .preempt import Stopped
 
 _FAILED: list[str] = []  # the sweep's failed jobs, read back from their failed.json files
 FAILED_FILE = "failed.json"  # in a job's folder: why it stopped
@@ -46,6 +47,9 @@ def _app(cfg: DictConfig) -> None:
             print(f"skipped, already done: {summary(done)}")
             return
         record = run(cfg, out_dir, overrides=list(hc.overrides.task))
+    except Stopped as e:  # SIGTERM/SIGUSR1 with the checkpoint saved: the whole command stops, sweep or not
+        print(f"reftbench: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)  # the shell's code for "ended by this signal"
     except (ReftbenchError, OmegaConfBaseException) as e:  # the latter: an interpolation that cannot resolve
         print(f"reftbench: error: {_one_line(str(e))}", file=sys.stderr)
         if not sweep:

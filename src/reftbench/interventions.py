@@ -96,7 +96,9 @@ class HouseholderRows(nn.Module):
     differently (see `householder_map`), so R stays orthonormal under weight decay, where torch's
     map makes R exactly zero after one decayed step.
 
-    state_dict holds B and X (exact resumption); a state with R instead of them also loads.
+    B is a non-persistent buffer: a constant the run rebuilds from its seed, so it stays out of
+    state_dict (checkpoints, model selection's copies) and DDP never syncs it. state_dict holds X;
+    a state with B beside X (pyreft's, torch's) loads both, one with R instead of them rebuilds B.
     """
 
     def __init__(self, rank: int, dim: int):
@@ -106,9 +108,10 @@ class HouseholderRows(nn.Module):
         x.diagonal().fill_(-1.0)
         self.X = nn.Parameter(x)
         if torch.empty(0).device.type == "meta":  # a dry run only counts parameters
-            self.register_buffer("base", torch.empty(dim, dim))
+            base = torch.empty(dim, dim)
         else:  # torch's own initialisation: a random orthogonal weight, completed at random
-            self.register_buffer("base", _complete(_orthogonal_init(dim, rank), torch.randn(dim, dim - rank)))
+            base = _complete(_orthogonal_init(dim, rank), torch.randn(dim, dim - rank))
+        self.register_buffer("base", base, persistent=False)
 
     def forward(self) -> torch.Tensor:
         """Rᵀ, [d, r] (pyreft's `rotate_layer.weight`)."""
@@ -126,6 +129,10 @@ class HouseholderRows(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         if prefix + "R" in state_dict and prefix + "X" not in state_dict:
             return self.load_R(state_dict[prefix + "R"])
+        if prefix + "base" in state_dict:  # an explicit B (pyreft's state, an older checkpoint)
+            with torch.no_grad():
+                self.base.copy_(state_dict[prefix + "base"])
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "base"}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import cache, checkpoint, distributed, methods, models, precision, tasks
+from . import cache, checkpoint, distributed, methods, models, precision, preempt, tasks
+from .atomic import atomic_path
 from .errors import ConfigError
 from .objectives import OBJECTIVES, mean_loss
 from .record import PeakRSS, command_line, git_commit, peak_memory, versions, write_json_atomic
@@ -70,7 +72,19 @@ def plan_line(p: dict) -> str:
 
 def finished(cfg, out_dir: Path) -> dict | None:
     """The record already in out_dir when it was written by this same config (an interrupted sweep
-    started again in the same folder), else None. Any difference in the config means a new run."""
+    started again in the same folder), else None. Any difference in the config means a new run.
+    In a distributed run the first process decides for all (the others' out_dir is not the run's
+    folder): a process that skipped alone would leave the rest waiting for it."""
+    record = _finished_here(cfg, out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+        state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+        record = broadcast_object_list([record if state.is_main_process else None])[0]
+    return record
+
+
+def _finished_here(cfg, out_dir: Path) -> dict | None:
     path = Path(out_dir) / "result.json"
     if not cfg.resume or not path.is_file():
         return None
@@ -83,7 +97,7 @@ def finished(cfg, out_dir: Path) -> dict | None:
 
 def run(cfg, out_dir: Path, overrides: list[str] | None = None) -> dict:
     try:
-        with PeakRSS() as rss:
+        with PeakRSS() as rss, preempt.stop_on_signals():  # a SIGTERM from here on stops after a step, saved
             record, out_dir, main = _run(cfg, Path(out_dir))
     except BaseException:
         _wandb_failed()  # a run that raises still closes its wandb run, marked failed
@@ -148,7 +162,7 @@ def _run(cfg, out_dir: Path) -> dict:
     with distributed.sharded(accelerator):  # model selection runs on every process after each epoch
         stats = train(model, method, train_set, cfg.trainer, objective.collate, objective.loss, int(cfg.seed),
                       log_fn=wandb_log, extra_params=head, on_epoch_end=selection, accelerator=accelerator,
-                      checkpoint_dir=out_dir / "checkpoints", fingerprint=OmegaConf.to_container(cfg, resolve=True),
+                      checkpoint_dir=out_dir / "checkpoints", fingerprint=checkpoint.fingerprint(cfg),
                       resume=bool(cfg.resume))
     if selection:
         stats.update(selection.restore_best())
@@ -161,8 +175,8 @@ def _run(cfg, out_dir: Path) -> dict:
         if head:  # the head trained too: keep it beside the intervention, under the model's own names
             from safetensors.torch import save_file
             ids = {id(p) for p in head}
-            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids},
-                      str(out_dir / "intervention" / "head.safetensors"))
+            with atomic_path(out_dir / "intervention" / "head.safetensors") as tmp:
+                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in ids}, str(tmp))
     if task.judged_offline and main:  # open-ended answers are judged offline by `alpaca_eval`
         path = tasks.write_alpaca_eval(out_dir / "alpaca_eval_outputs.json", test_records, outputs,
                                        generator=f"{cfg.model.name}-{cfg.intervention.name}-seed{cfg.seed}")
@@ -225,8 +239,15 @@ class _Selection:
         score = None if score is None or math.isnan(score) else float(score)
         if self.state is None or (score is not None and (self.best is None or score > self.best)):
             self.best, self.best_epoch = score, epoch
-            self.state = ({k: v.detach().clone() for k, v in self.method.state_dict().items()},
-                          [p.detach().clone() for p in self.head])
+            now = (self.method.state_dict(), list(self.head))
+            if self.state is None:
+                self.state = ({k: v.detach().clone() for k, v in now[0].items()}, [p.detach().clone() for p in now[1]])
+            else:  # into the copy already held: never two copies at once (a full finetune's is the model)
+                with torch.no_grad():
+                    for k, v in now[0].items():
+                        self.state[0][k].copy_(v)
+                    for kept, p in zip(self.state[1], now[1]):
+                        kept.copy_(p)
 
     def state_dict(self) -> dict:  # the best state so far goes into the run's checkpoints
         return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
@@ -235,11 +256,13 @@ class _Selection:
         self.best, self.best_epoch, self.state = state["best"], state["best_epoch"], state["state"]
 
     def restore_best(self) -> dict:
-        method_state, head_state = self.state
-        self.method.load_state_dict(method_state)
-        with torch.no_grad():
-            for p, saved in zip(self.head, head_state):
-                p.copy_(saved)
+        if self.state is not None:  # restored once; the copy is not needed after that
+            method_state, head_state = self.state
+            self.method.load_state_dict(method_state)
+            with torch.no_grad():
+                for p, saved in zip(self.head, head_state):
+                    p.copy_(saved)
+            self.state = None
         return {"best_epoch": self.best_epoch, "selection_score": self.best}
 
 

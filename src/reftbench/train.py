@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import checkpoint, precision
+from . import checkpoint, precision, preempt
 from .data import to_device
 from .errors import ConfigError
 from .architectures import backbone
@@ -104,7 +104,10 @@ def make_accelerator(policy: str, device: str = "auto"):
         raise ConfigError("trainer.precision=fp16-mixed needs a GPU (loss scaling): use bf16-mixed on the CPU")
     return Accelerator(cpu=cpu, mixed_precision=precision.ACCELERATE[policy],
                        step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+                       # no buffer changes in training (rotary tables, position ids, LoReFT's constant
+                       # bases): DDP's default re-broadcast of them on every forward is pure traffic
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
+                                                                      broadcast_buffers=False)])
 
 
 def policy_of(accelerator) -> str:
@@ -233,6 +236,26 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
         log.info("resumed from the checkpoint at optimiser step %d (epoch %d, batch %d)", resumed,
                  state["epoch"], state["batch"])
 
+    log.info("training: %d optimiser steps from step %d", total, state["step"])
+    try:
+        with preempt.stop_on_signals() as stop:
+            _loop(model, method, examples, cfg, collate, seed, log_fn, on_epoch_end, acc, prepared, opt, sched,
+                  saver, params, state, total, base_dropout, ckpt_grad, stop, stats)
+    finally:
+        saver.close()
+    acc.free_memory()  # the accelerator lets go of the wrapped model and optimiser (a sweep's next run)
+    set_mode(model, method, False)
+    if ckpt_grad:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    losses = state["losses"]
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": stats.pop("_seconds"),
+            "final_loss": sum(tail) / len(tail) if tail else None, **stats}
+
+
+def _loop(model, method, examples, cfg, collate, seed, log_fn, on_epoch_end, acc, prepared, opt, sched, saver,
+          params, state, total, base_dropout, ckpt_grad, stop, stats):
+    world, rank = acc.num_processes, acc.process_index
     t0 = time.time()
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", leave=False, dynamic_ncols=True,
                disable=None if acc.is_main_process else True)
@@ -273,6 +296,13 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
                 log_fn({"train/loss": recent, "train/lr": sched.get_last_lr()[0]}, state["step"])
             if state["step"] >= total:
                 break
+            signum = preempt.agreed(stop, acc)
+            if signum:  # the cluster's warning: save where we are, then stop (or let submitit requeue)
+                saver.save(state)
+                bar.close()
+                log.warning("stopped at optimiser step %d of %d%s", state["step"], total,
+                            f"; checkpoint in {saver.root}" if saver.root else "")
+                preempt.hand_over(stop, signum, state["step"], saver.root is not None)
             if cfg.get("save_every") and state["step"] % cfg.save_every == 0 and state["batch"] < len(batches):
                 saver.save(state)
         state["epoch"] += 1
@@ -284,11 +314,4 @@ def train(model, method, examples: list, cfg, collate, loss_fn=answer_loss, seed
             set_mode(model, method, True, base_dropout, ckpt_grad)
         saver.save(state)
     bar.close()
-    saver.close()
-    acc.free_memory()  # the accelerator lets go of the wrapped model and optimiser (a sweep's next run)
-    set_mode(model, method, False)
-    if ckpt_grad:
-        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": time.time() - t0,
-            "final_loss": sum(tail) / len(tail) if tail else None, **stats}
+    stats["_seconds"] = time.time() - t0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ReftbenchError, ConfigError
 
-REFT = ("loreft", "direft", "noreft")
+REFT = ("loreft", "noreft", "direft", "orthdireft", "consreft", "lobireft")  # the ReFT family: all in pyreft's format
 NOT_MERGEABLE = {
     **{m: ("it acts on chosen positions of the residual stream (the prompt's first and last tokens), not on "
            "weights, so it cannot be folded into them; export it without --merged (pyreft's format)") for m in REFT},

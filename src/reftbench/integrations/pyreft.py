@@ -114,7 +114,7 @@ def to_pyreft(name: str, iv) -> "OrderedDict[str, torch.Tensor]":
         out[theirs] = ours[mine]
     if hasattr(iv, "rotation"):
         if isinstance(iv.rotation, HouseholderRows):
-            base, x = ours["rotation.base"], ours["rotation.X"].clone()
+            base, x = iv.rotation.base.detach(), ours["rotation.X"].clone()  # B: a non-persistent buffer
             # pyreft reads the signs with .int(): give it exact ±1 (weight decay may have shrunk them)
             x.diagonal().copy_(torch.where(x.diagonal() < 0, -1.0, 1.0))
         else:  # the QR map: a Householder state around our R

@@ -7,7 +7,6 @@ method.save(dir) and load(dir, model). It never branches on which method it hold
 """
 import dataclasses
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from omegaconf import OmegaConf
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import ConfigError
 from ..models import count_params
 
@@ -91,10 +91,10 @@ class Method(nn.Module):
     def save(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "weights.safetensors.tmp"
-        save_file(self.trainable_state(), str(tmp))
-        os.replace(tmp, path / "weights.safetensors")
-        (path / "method.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        with atomic_path(path / "weights.safetensors") as tmp:
+            save_file(self.trainable_state(), str(tmp))
+        with atomic_path(path / "method.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
 
 
 def active(method: "Method | None", batch: dict):

@@ -116,7 +116,8 @@ class Reft(Method):
         for name, iv in self.interventions.items():
             if isinstance(getattr(iv, "rotation", None), HouseholderRows):
                 prefix = f"interventions.{name}.rotation."
-                del state[prefix + "base"], state[prefix + "X"]
+                state.pop(prefix + "base", None)
+                del state[prefix + "X"]
                 state[prefix + "R"] = iv.R.detach().contiguous()
         return state
 

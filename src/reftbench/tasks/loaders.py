@@ -71,15 +71,16 @@ def read_tsv(path: Path, header: list[str] | None = None) -> list[dict]:
         raise ReftbenchError(f"data file {path} is missing: point task.data_dir at a folder holding it")
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    first = 1  # the file's line number of rows[0]
     if not header:
         if not rows:
             raise ReftbenchError(f"data file {path} is empty: expected a TSV with a header row")
-        header, rows = rows[0], rows[1:]
+        header, rows, first = rows[0], rows[1:], 2
     out = []
     for i, row in enumerate(rows):
-        if len(row) < len(header):
-            raise ReftbenchError(f"data file {path} line {i + 2}: {len(row)} columns, expected {len(header)} "
-                                 f"({', '.join(header)})")
+        if len(row) != len(header):  # a stray tab would shift every later column (the label among them)
+            raise ReftbenchError(f"data file {path} line {i + first}: {len(row)} columns, expected {len(header)} "
+                                 f"({', '.join(header)}){': a stray tab?' if len(row) > len(header) else ''}")
         out.append(dict(zip(header, row)))
     return out
 

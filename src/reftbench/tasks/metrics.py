@@ -76,7 +76,8 @@ def alpaca_eval_records(records: list[dict], outputs: list[str], generator: str)
 
 def write_alpaca_eval(path, records: list[dict], outputs: list[str], generator: str) -> Path:
     """Write the file `alpaca_eval --model_outputs <path>` reads."""
+    from ..atomic import atomic_path
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(alpaca_eval_records(records, outputs, generator), indent=2, ensure_ascii=False))
+    with atomic_path(path) as tmp:  # a resumed sweep never reads half a file
+        tmp.write_text(json.dumps(alpaca_eval_records(records, outputs, generator), indent=2, ensure_ascii=False))
     return path
