@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, tiny_bert, tiny_llama
 from reftbench import methods
 from reftbench.errors import ConfigError
-from reftbench.methods.finegates import GatePair, GateVector, layer_penalty, removed_per_layer
+from reftbench.methods.finegates import gate_values, keep_prob, layer_penalty, removed_per_layer
 from reftbench.run import plan, plan_line
 from reftbench.train import answer_loss
 
@@ -36,10 +36,7 @@ def batch_for(tok):
 
 
 def vector(values):
-    v = GateVector(len(values), 0.0, 0.0, None)
-    with torch.no_grad():
-        v.logits.copy_(torch.tensor(values, dtype=torch.float32))
-    return v
+    return torch.tensor(values, dtype=torch.float32)
 
 
 # ---- gates and regulariser ------------------------------------------------------------------
@@ -74,14 +71,12 @@ def test_eval_is_deterministic_train_is_noisy_and_sigma_zero_is_not():
 
 
 def test_keep_probability_reference_values():
-    p = vector([1.0, 0.0, -THRESHOLD, 50.0, -50.0]).keep_prob(0.5)
+    p = keep_prob(vector([1.0, 0.0, -THRESHOLD, 50.0, -50.0]), 0.5)
     assert p.tolist() == pytest.approx([0.994185, 0.841345, 0.5, 0.998650, 0.158655], abs=1e-6)
 
 
 def layer(rows, cols):
-    pair = GatePair(torch.nn.Linear(len(cols), len(rows)), methods.finegates.FineGatesConfig(name="finegates"))
-    pair.rows, pair.cols = vector(rows), vector(cols)
-    return pair
+    return vector(rows), vector(cols)
 
 
 ROWS = [1, -1, 0.2, -0.3, 0, -0.56, 3]
@@ -89,25 +84,25 @@ COLS = [-2, 0.1, 1, -0.549, 0.6]
 
 
 def test_layer_penalty_reference_values():
-    assert float(layer_penalty(layer([1.0] * 7, [1.0] * 5), 0.6, 0.5)) == pytest.approx(0.394185, abs=1e-6)
-    assert float(layer_penalty(layer([0.0] * 7, [0.0] * 5), 0.6, 0.5)) == pytest.approx(0.241345, abs=1e-6)
-    pair = layer(ROWS, COLS)
-    assert float(pair.rows.keep_prob(0.5).mean()) == pytest.approx(0.744064, abs=1e-6)
-    assert float(pair.cols.keep_prob(0.5).mean()) == pytest.approx(0.707365, abs=1e-6)
-    assert float(layer_penalty(pair, 0.6, 0.5)) == pytest.approx(0.125714, abs=1e-6)
+    assert float(layer_penalty(*layer([1.0] * 7, [1.0] * 5), 0.6, 0.5)) == pytest.approx(0.394185, abs=1e-6)
+    assert float(layer_penalty(*layer([0.0] * 7, [0.0] * 5), 0.6, 0.5)) == pytest.approx(0.241345, abs=1e-6)
+    rows, cols = layer(ROWS, COLS)
+    assert float(keep_prob(rows, 0.5).mean()) == pytest.approx(0.744064, abs=1e-6)
+    assert float(keep_prob(cols, 0.5).mean()) == pytest.approx(0.707365, abs=1e-6)
+    assert float(layer_penalty(rows, cols, 0.6, 0.5)) == pytest.approx(0.125714, abs=1e-6)
 
 
 def test_eval_gate_thresholds_and_the_example():
-    g = vector([-THRESHOLD - 1e-4, -THRESHOLD + 1e-4, THRESHOLD - 1e-4, THRESHOLD + 1e-4]).gates()
+    g = gate_values(vector([-THRESHOLD - 1e-4, -THRESHOLD + 1e-4, THRESHOLD - 1e-4, THRESHOLD + 1e-4]))
     assert g[0] == 0 and 0 < g[1] < 1 and 0 < g[2] < 1 and g[3] == 1
-    pair = layer(ROWS, COLS)
-    assert pair.rows.gates().tolist() == pytest.approx([1, 0, 0.6974, 0.2087, 0.5, 0, 1], abs=1e-4)
-    assert pair.cols.gates().tolist() == pytest.approx([0, 0.5997, 1, 0.0002, 1], abs=1e-4)
+    rows, cols = layer(ROWS, COLS)
+    assert gate_values(rows).tolist() == pytest.approx([1, 0, 0.6974, 0.2087, 0.5, 0, 1], abs=1e-4)
+    assert gate_values(cols).tolist() == pytest.approx([0, 0.5997, 1, 0.0002, 1], abs=1e-4)
 
 
 def test_authors_count_on_the_example():
-    pair = layer(ROWS, COLS)
-    assert removed_per_layer(pair.rows.gates(), pair.cols.gates()) == 7 * 5 - 5 * 4 == 15
+    rows, cols = layer(ROWS, COLS)
+    assert removed_per_layer(gate_values(rows), gate_values(cols)) == 7 * 5 - 5 * 4 == 15
 
 
 def test_saturated_gates_get_no_task_gradient_but_a_penalty_gradient():
