@@ -7,11 +7,15 @@ Each targeted Linear computes  y = (W (x ⊙ g_c) + b) ⊙ g_r  (§1.2), with ga
 `finegates_lora` (§5.6): y = g_r ⊙ ((W + (α/r) B A)(g_c ⊙ x) + b).
 
 The gate logits are flat: one (layers, width) tensor per targeted Linear and side, so the gates of a
-forward and the regulariser are a few vectorised ops for the whole model. Two regularisers (`reg`):
-- `weights` (default): λ · |K − (1 − s_t)|, K the kept share of the gated weights, Σ_l out·in·kept_rows·kept_cols
-  over Σ_l out·in. Its value counts the eval gates (what compression removes), its gradient comes from the
-  smooth keep-probabilities p = Φ((μ + 0.5)/reg_std) (a straight-through estimate), so a run ends at s.
+forward and the regulariser are a few vectorised ops for the whole model. Two regularisers (`reg`), with
+p = Φ((μ + 0.5)/reg_std) the smooth keep-probability of a gate:
+- `rank` (default): each layer closes the share f = 1 − √(1 − s_t) of its rows and of its columns, so that
+  1 − (1 − f)² = s_t of its weights go. Per layer and side, the ⌊f·n⌉ gates with the lowest logits are
+  pulled closed (λ · mean p over them); a closed gate outside that set is pulled back open (λ · mean (1 − p)).
+  The task gradient decides the ranking; the rest of the gates are left to the task.
 - `target` (the authors' code, §2.2): λ · mean over layers of ½(|mean p_rows − (1−s)| + |mean p_cols − (1−s)|).
+  Under Adam every gate of a layer gets the same step from it, so the gates drift down together and stop,
+  fractional, where the mean p meets 1 − s: on short runs no gate closes (README, "FineGates").
 s_t ramps from 0 to s over the first `sparsity_warmup` training forwards (cubic, as gradual pruning).
 
 The gates act through hooks on the model's own Linear modules, so the model keeps its class, names and
@@ -36,7 +40,7 @@ class FineGatesConfig(MethodConfig):
     target_modules: object = "auto"
     sparsity_weight: float = 50.0    # λ
     target_sparsity: float = 0.4     # s
-    reg: str = "weights"             # weights: s of the gated weights is reached; target: the authors' form
+    reg: str = "rank"                # rank: s of the gated weights is reached; target: the authors' form
     sparsity_warmup: int = 0         # training forwards over which the target ramps from 0 to s (0: at once)
     noise_std: float = 0.1           # σ of the training noise
     reg_std: float = 0.5             # σ inside the regulariser's Φ (the authors' code: 0.5, not noise_std)
@@ -68,6 +72,20 @@ def layer_penalty(rows: torch.Tensor, cols: torch.Tensor, keep: float, reg_std: 
     """The authors' per-layer term ½(|mean p_rows − keep| + |mean p_cols − keep|) for logits of shape
     (..., width): one value per leading index (§2.2)."""
     return 0.5 * ((keep_prob(rows, reg_std).mean(-1) - keep).abs() + (keep_prob(cols, reg_std).mean(-1) - keep).abs())
+
+
+def rank_penalty(logits: torch.Tensor, closed_share: float, reg_std: float) -> torch.Tensor:
+    """Per leading index of (..., n) logits: mean p over the ⌊closed_share·n⌉ lowest gates (pulled closed),
+    plus mean (1 − p) over the closed gates outside them (pulled back open)."""
+    n = logits.shape[-1]
+    k = int(round(closed_share * n))
+    p = keep_prob(logits, reg_std)
+    theta = logits.detach()
+    chosen = torch.zeros_like(theta, dtype=torch.bool)
+    if k:
+        chosen.scatter_(-1, theta.argsort(dim=-1)[..., :k], True)
+    stray = ~chosen & (theta <= CLOSED)
+    return (p * chosen).sum(-1) / max(k, 1) + ((1 - p) * stray).sum(-1) / max(n - k, 1)
 
 
 def removed_per_layer(g_rows: torch.Tensor, g_cols: torch.Tensor) -> int:
@@ -165,8 +183,8 @@ class FineGatesMethod(Method):
                 raise ConfigError(f"intervention.{name}={v} must be a non-negative number")
         if not (_number(c.reg_std) and c.reg_std > 0):
             raise ConfigError(f"intervention.reg_std={c.reg_std} must be a positive number")
-        if c.reg not in ("weights", "target"):
-            raise ConfigError(f"intervention.reg={c.reg!r} is unknown: use weights (s of the gated weights is "
+        if c.reg not in ("rank", "target"):
+            raise ConfigError(f"intervention.reg={c.reg!r} is unknown: use rank (s of the gated weights is "
                               "reached) or target (the authors' mean keep-probability)")
         if not (isinstance(c.sparsity_warmup, int) and not isinstance(c.sparsity_warmup, bool)
                 and c.sparsity_warmup >= 0):
@@ -296,28 +314,15 @@ class FineGatesMethod(Method):
             return s
         return s * (1.0 - (1.0 - min(int(self.forwards), n) / n) ** 3)
 
-    def kept_share(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(smooth, measured) kept share of the gated weights: Σ out·in·rows·cols / Σ out·in, with rows and
-        cols the mean keep-probability (smooth) or the share of open eval gates (measured)."""
-        sigma = float(self.config.reg_std)
-        smooth, hard, total = 0.0, 0.0, 0
-        for t, r in self.gates.rows.items():
-            c = self.gates.cols[t]
-            size = r.shape[1] * c.shape[1]
-            smooth = smooth + size * (keep_prob(r, sigma).mean(1) * keep_prob(c, sigma).mean(1)).sum()
-            with torch.no_grad():
-                hard = hard + size * ((r > CLOSED).float().mean(1) * (c > CLOSED).float().mean(1)).sum()
-            total += size * r.shape[0]
-        return smooth / total, hard / total
-
     def regulariser(self) -> torch.Tensor:
-        keep = 1.0 - self.target_now()
-        if self.config.reg == "target":  # mean over gated layers, not weighted by layer size
-            sigma = float(self.config.reg_std)
-            return torch.cat([layer_penalty(r, self.gates.cols[t], keep, sigma)
+        """Mean over gated layers (plain mean, not weighted by layer size) of the layer's penalty."""
+        s, sigma = self.target_now(), float(self.config.reg_std)
+        if self.config.reg == "target":
+            return torch.cat([layer_penalty(r, self.gates.cols[t], 1.0 - s, sigma)
                               for t, r in self.gates.rows.items()]).mean()
-        smooth, hard = self.kept_share()
-        return (smooth + (hard - smooth).detach() - keep).abs()  # value measured, gradient smooth
+        f = 1.0 - math.sqrt(1.0 - s)  # per side: (1 - f)² of the weights stay
+        return torch.cat([0.5 * (rank_penalty(r, f, sigma) + rank_penalty(self.gates.cols[t], f, sigma))
+                          for t, r in self.gates.rows.items()]).mean()
 
     def loss_term(self):
         if self.training:
