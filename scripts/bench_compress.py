@@ -1,7 +1,17 @@
-"""CPU inference time of a FineGates run: the dense finetuned model against its compressed checkpoint.
+"""CPU inference time of a FineGates model: dense against compressed, timed in one process, interleaved.
 
     python scripts/bench_compress.py RUN_DIR [--compressed DIR] [--batches 4] [--batch-size 32] [--repeats 20]
+    python scripts/bench_compress.py --random-gates 0.3 --model smollm2-135m [--seed 0] [--threads 1]
 
+--random-gates S: no training needed. The real model (conf/model/NAME.yaml) gets FineGates gates closed at
+random (each gate closed with one probability, seeded, chosen by bisection so that the compressor removes
+the share S of the non-embedding Linear weights), the rest fully open. Timed, interleaved: batch-1 greedy
+decoding (tokens/s; an encoder: batch-1 forward, examples/s) and a batched forward (examples/s), dense
+(gates folded in place: the cost of the finetuned model without compression) against compressed; printed
+with the ratios, the largest |Δlogit| between the gated model and the compressed one, and the physical
+bound (the share of Linear FLOPs and of weight bytes per token that is gone).
+
+RUN_DIR mode:
 In one process, on the same test batches: the dense model (the base model with the trained gates folded
 into its weights: the dense cost) and the compressed one (RUN_DIR/compressed, or made now into a temporary
 folder). Warm-up first, then `repeats` rounds that time one pass of each in turn (interleaved, so load on
@@ -21,15 +31,28 @@ import torch
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?")
+    ap.add_argument("--random-gates", type=float, metavar="S", help="close gates at random so that the share S "
+                    "of the non-embedding Linear weights is removed (no run needed)")
+    ap.add_argument("--model", default="smollm2-135m", help="--random-gates: a conf/model name")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--new-tokens", type=int, default=32, help="--random-gates: greedy tokens per decoding")
+    ap.add_argument("--length", type=int, default=64, help="--random-gates: tokens per example, batched forward")
     ap.add_argument("--compressed", help="a compressed checkpoint (default: RUN_DIR/compressed, else made now)")
     ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 32; --random-gates: 8")
+    ap.add_argument("--repeats", type=int, default=None, help="default 20; --random-gates: 7")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (fixed for both models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    random = args.random_gates is not None
+    args.batch_size = args.batch_size or (8 if random else 32)
+    args.repeats = args.repeats or (7 if random else 20)
+    if random:
+        return random_gates(args)
+    if args.run_dir is None:
+        ap.error("pass RUN_DIR or --random-gates S")
 
     from omegaconf import OmegaConf
     from reftbench import compress, methods, models, tasks
@@ -112,6 +135,121 @@ def main(argv=None):
           f"CPU forward {t_dense * 1e3:.1f} ms dense vs {t_comp * 1e3:.1f} ms compressed (median of {args.repeats}, "
           f"{args.threads} thread(s), {len(batches)}x{args.batch_size}): {t_dense / t_comp:.2f}x, "
           f"{100 * out['time_reduction']:.1f}% less time; max |dlogit| {delta:.2e}")
+    return out
+
+
+def _interleaved(pair: dict, fn, repeats: int, warmup: int) -> dict:
+    """Median seconds of fn(model) per model, timed in turn (load on the machine hits both alike)."""
+    times = {k: [] for k in pair}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in pair.values():
+                fn(m)
+        for _ in range(repeats):
+            for k, m in pair.items():
+                t = time.perf_counter()
+                fn(m)
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _close_at_random(method, share: float, seed: int) -> float:
+    """Set every gate fully open or closed, each closed with one probability p, the same draws for every p
+    (seeded); p found by bisection so that the compressor removes `share` of the non-embedding Linear
+    weights. Returns the share reached."""
+    from reftbench.compress.plan import plan_counts
+    g = torch.Generator().manual_seed(seed)
+    params = list(method.gates.parameters())
+    draws = [torch.rand(p.shape, generator=g) for p in params]
+
+    def apply(p_close):
+        with torch.no_grad():
+            for p, u in zip(params, draws):
+                p.copy_(torch.where(u < p_close, -3.0, 3.0))
+        return plan_counts(method)["sparsity_cascade_linear"]
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if apply(mid) < share:
+            lo = mid
+        else:
+            hi = mid
+    return apply(hi)
+
+
+def random_gates(args):
+    from omegaconf import OmegaConf
+    from reftbench import compress, methods, models
+    from reftbench.methods.finegates import linear_weights
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{args.model}.yaml")
+    probe = models.load(cfg, kind="decoder" if args.model != "minilm-l6" else "encoder", num_labels=2)
+    decoder = probe.model.config.model_type not in ("bert", "roberta")
+    dense, tok = probe.model, probe.tokenizer
+    small = models.load(cfg, kind="decoder" if decoder else "encoder", num_labels=2).model
+    if not decoder:  # the classifier head is random per load: the same one in both
+        small.load_state_dict(dense.state_dict())
+    gated = methods.build({"name": "finegates"}, dense)
+    reached = _close_at_random(gated, args.random_gates, args.seed)
+    other = methods.build({"name": "finegates"}, small)
+    other.load_state_dict(gated.state_dict())
+    gated.eval(), other.eval()
+    n_linear = linear_weights(dense)
+    lm_head = dense.get_output_embeddings().weight.numel() if decoder else 0  # read for every token
+    info = compress.shrink(other)
+    del other
+
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = dense.config.vocab_size
+    batch = {"input_ids": torch.randint(100, vocab, (args.batch_size, args.length), generator=g)}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    prompt = torch.randint(100, vocab, (1, 16), generator=g)
+    with torch.inference_mode():  # the gated model (hooks) against the compressed one
+        ref, out = dense(**batch).logits, small(**batch).logits
+        delta = float((ref - out).abs().max())
+        same = True
+        if decoder:
+            kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      pad_token_id=tok.pad_token_id or 0)
+            same = torch.equal(dense.generate(prompt, **kw), small.generate(prompt, **kw))
+    gated.merge(keep_original=False)  # dense shapes with the gates folded: the uncompressed cost
+    pair = {"dense": dense, "compressed": small}
+    if decoder:
+        one = _interleaved(pair, lambda m: m.generate(prompt, **kw), args.repeats, args.warmup)
+        one_rate = {k: args.new_tokens / v for k, v in one.items()}
+    else:
+        single = {k: v[:1] for k, v in batch.items()}
+        one = _interleaved(pair, lambda m: m(**single), args.repeats, args.warmup)
+        one_rate = {k: 1 / v for k, v in one.items()}
+    many = _interleaved(pair, lambda m: m(**batch), args.repeats, args.warmup)
+    removed = info["removed_cascade"]
+    out = {
+        "model": args.model, "seed": args.seed, "asked": args.random_gates, "threads": args.threads,
+        "repeats": args.repeats, "removed_share_linear": reached, "removed_share_model": info["params_removed_total"] / info["params_dense"],
+        "linear_weights": n_linear, "params_dense": info["params_dense"], "params_compressed": info["params_compressed"],
+        "max_abs_dlogit": delta, "same_greedy_tokens": same,
+        "one_rate_dense": one_rate["dense"], "one_rate_compressed": one_rate["compressed"],
+        "one_ratio": one_rate["compressed"] / one_rate["dense"],
+        "batched_examples_per_s_dense": args.batch_size / many["dense"],
+        "batched_examples_per_s_compressed": args.batch_size / many["compressed"],
+        "batched_ratio": many["dense"] / many["compressed"],
+        # the bound if time were only the Linear layers: per token, FLOPs and weight bytes scale with the
+        # Linear weights used (a decoder's tied LM head included: it is read and multiplied every token)
+        "bound_linear_flops_and_bytes": (n_linear + lm_head) / (n_linear + lm_head - removed),
+        "layers": [{"heads": l["heads"], "kv_heads": l["kv_heads"], "m_qk": l["m_qk"], "m_v": l["m_v"],
+                    "units": l["units"]} for l in info["layers"]],
+    }
+    print(json.dumps({k: v for k, v in out.items() if k != "layers"}, indent=2))
+    what = "greedy decoding, batch 1 (tokens/s)" if decoder else "forward, batch 1 (examples/s)"
+    print(f"{args.model}: {100 * reached:.1f}% of the non-embedding Linear weights removed at random "
+          f"({100 * out['removed_share_model']:.1f}% of the model), seed {args.seed}, {args.threads} thread(s), "
+          f"median of {args.repeats}, interleaved; max |dlogit| {delta:.2e}"
+          + ("" if not decoder else f", greedy tokens {'identical' if same else 'DIFFER'}"))
+    print(f"  {what}: {one_rate['dense']:.2f} dense vs {one_rate['compressed']:.2f} compressed: "
+          f"{out['one_ratio']:.2f}x")
+    print(f"  batched forward {args.batch_size}x{args.length} (examples/s): {out['batched_examples_per_s_dense']:.2f} "
+          f"dense vs {out['batched_examples_per_s_compressed']:.2f} compressed: {out['batched_ratio']:.2f}x")
+    print(f"  physical bound (Linear FLOPs and weight bytes per token{', LM head included' if decoder else ''}): "
+          f"{out['bound_linear_flops_and_bytes']:.2f}x")
     return out
 
 

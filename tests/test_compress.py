@@ -15,6 +15,7 @@ from reftbench.compress import plan as plan_mod
 from reftbench.errors import ConfigError
 
 TOL = 1e-5
+ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
 def gated(model, seed=0, mean=0.4, std=1.0, **kw):
@@ -372,3 +373,77 @@ def test_tied_embeddings_survive_save_and_load(tmp_path):
     again = compress.load(tmp_path / "c")
     assert again.lm_head.weight is again.model.embed_tokens.weight
     assert (forward(again, x, mask)[0] - ref)[mask.bool()].abs().max() < TOL
+
+
+def test_shrink_frees_the_dense_layers_it_replaces():
+    import gc
+    import weakref
+    model = tiny_llama().model
+    m = gated(model, seed=6)
+    block = model.model.layers[0]
+    dense = [weakref.ref(x) for x in (block.self_attn, block.self_attn.q_proj, block.self_attn.q_proj.weight,
+                                      block.mlp.down_proj, block.mlp.down_proj.weight)]
+    m.merge(keep_original=False)  # as compress=true does for its timing: no copy of the weights kept
+    compress.shrink(m)
+    gc.collect()
+    assert all(r() is None for r in dense)  # nothing (method, hooks, merge copies) holds them any more
+    assert not m.linears
+
+
+def test_compress_true_peak_memory_is_dense_plus_compressed(tmp_path):
+    """Bytes of live tensors while shrinking never exceed the dense weights plus the compact ones."""
+    import gc
+    model = tiny_llama(layers=6).model
+    m = gated(model, seed=7)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = [0]
+    real = compress._install
+
+    def install(block, modules):
+        real(block, modules)
+        gc.collect()
+        live = {t.data_ptr(): t.numel() * t.element_size() for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 64}
+        peak[0] = max(peak[0], sum(live.values()))
+    compress._install = install
+    try:
+        m.merge(keep_original=False)
+        info = compress.shrink(m)
+    finally:
+        compress._install = real
+    compact_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert info["params_compressed"] < info["params_dense"]
+    assert peak[0] <= dense_bytes + compact_bytes + 64 * 1024  # + the gates and one layer's indices
+
+
+def test_generation_config_survives_compression(tmp_path):
+    loaded = tiny_llama()
+    model = loaded.model
+    model.generation_config.pad_token_id = 3
+    model.generation_config.suppress_tokens = [3]
+    model.generation_config.eos_token_id = [2, 5]
+    out = compress.save(model, loaded.tokenizer, tmp_path / "c", compress.shrink(gated(model, seed=8)))
+    again = compress.load(out)
+    assert again.generation_config.suppress_tokens == [3] and again.generation_config.pad_token_id == 3
+    assert again.generation_config.eos_token_id == [2, 5]
+
+
+def test_compressible_types_come_from_the_architecture_table():
+    from reftbench import architectures as archs
+    assert set(archs.compressible_types()) == {"llama", "mistral", "qwen2", "bert", "roberta"}
+    assert "gemma" in archs.LLAMA.model_types and "gemma" not in archs.compressible_types()
+    assert not hasattr(plan_mod, "COMPRESSIBLE")
+
+
+def test_bench_random_gates_mode_removes_the_asked_share_and_matches_the_gated_model(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_compress", ROOT_DIR / "scripts" / "bench_compress.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--random-gates", "0.3", "--model", "tiny-random-llama", "--repeats", "1", "--warmup", "0",
+                      "--new-tokens", "3", "--length", "8", "--batch-size", "2"])
+    assert abs(out["removed_share_linear"] - 0.3) < 0.03
+    assert out["max_abs_dlogit"] <= 1e-4 and out["same_greedy_tokens"]
+    assert out["one_ratio"] > 0 and out["batched_ratio"] > 0 and out["bound_linear_flops_and_bytes"] > 1.2
+    printed = capsys.readouterr().out
+    assert "greedy decoding, batch 1" in printed and "batched forward" in printed
