@@ -86,8 +86,10 @@ class CompactAttention(nn.Module):
         elif self.rope == "shared":
             cos, sin = cos.index_select(-1, self.rope_index).unsqueeze(1), sin.index_select(-1, self.rope_index).unsqueeze(1)
         else:  # (b, t, kv, m) -> (b, kv, t, m); a group's query heads broadcast over their kv head's table
-            cos, sin = cos[..., self.rope_index].transpose(1, 2), sin[..., self.rope_index].transpose(1, 2)
             b, h, t, m = q.shape
+            flat = self.rope_index.view(-1)
+            cos = cos.index_select(-1, flat).view(*cos.shape[:-1], self.kv_heads, m).transpose(1, 2)
+            sin = sin.index_select(-1, flat).view(*sin.shape[:-1], self.kv_heads, m).transpose(1, 2)
             qg = q.view(b, self.kv_heads, self.num_key_value_groups, t, m)
             qg = qg * cos.unsqueeze(2) + rotate_half(qg) * sin.unsqueeze(2)
             return qg.view(b, h, t, m), k * cos + rotate_half(k) * sin
@@ -109,7 +111,7 @@ class CompactAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         out, weights = self.attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        out = out.reshape(b, t, -1)
+        out = out.reshape(b, t, -1).contiguous()
         if self.decoder:
             out = self.o_proj(out)
         return out, weights
