@@ -138,19 +138,22 @@ def main(argv=None):
     return out
 
 
-def _interleaved(pair: dict, fn, repeats: int, warmup: int) -> dict:
-    """Median seconds of fn(model) per model, timed in turn (load on the machine hits both alike)."""
-    times = {k: [] for k in pair}
+def _interleaved(pair: dict, fn, repeats: int, warmup: int) -> tuple[dict, dict]:
+    """Median wall and CPU seconds of fn(model) per model, timed in turn (load on the machine hits both
+    alike). With one thread the process's CPU time is what an idle machine's wall time would be, near enough:
+    other processes' load stretches wall time, not CPU time."""
+    wall, cpu = {k: [] for k in pair}, {k: [] for k in pair}
     with torch.inference_mode():
         for _ in range(warmup):
             for m in pair.values():
                 fn(m)
         for _ in range(repeats):
             for k, m in pair.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn(m)
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+                wall[k].append(time.perf_counter() - t)
+                cpu[k].append(time.process_time() - c)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def _close_at_random(method, share: float, seed: int) -> float:
@@ -214,13 +217,14 @@ def random_gates(args):
     gated.merge(keep_original=False)  # dense shapes with the gates folded: the uncompressed cost
     pair = {"dense": dense, "compressed": small}
     if decoder:
-        one = _interleaved(pair, lambda m: m.generate(prompt, **kw), args.repeats, args.warmup)
-        one_rate = {k: args.new_tokens / v for k, v in one.items()}
+        one, one_cpu = _interleaved(pair, lambda m: m.generate(prompt, **kw), args.repeats, args.warmup)
+        per = args.new_tokens
     else:
         single = {k: v[:1] for k, v in batch.items()}
-        one = _interleaved(pair, lambda m: m(**single), args.repeats, args.warmup)
-        one_rate = {k: 1 / v for k, v in one.items()}
-    many = _interleaved(pair, lambda m: m(**batch), args.repeats, args.warmup)
+        one, one_cpu = _interleaved(pair, lambda m: m(**single), args.repeats, args.warmup)
+        per = 1
+    one_rate = {k: per / v for k, v in one.items()}
+    many, many_cpu = _interleaved(pair, lambda m: m(**batch), args.repeats, args.warmup)
     removed = info["removed_cascade"]
     out = {
         "model": args.model, "seed": args.seed, "asked": args.random_gates, "threads": args.threads,
@@ -232,6 +236,9 @@ def random_gates(args):
         "batched_examples_per_s_dense": args.batch_size / many["dense"],
         "batched_examples_per_s_compressed": args.batch_size / many["compressed"],
         "batched_ratio": many["dense"] / many["compressed"],
+        "one_ratio_cpu": one_cpu["dense"] / one_cpu["compressed"],
+        "batched_ratio_cpu": many_cpu["dense"] / many_cpu["compressed"],
+        "one_rate_dense_cpu": per / one_cpu["dense"], "one_rate_compressed_cpu": per / one_cpu["compressed"],
         # the bound if time were only the Linear layers: per token, FLOPs and weight bytes scale with the
         # Linear weights used (a decoder's tied LM head included: it is read and multiplied every token)
         "bound_linear_flops_and_bytes": (n_linear + lm_head) / (n_linear + lm_head - removed),
@@ -245,9 +252,11 @@ def random_gates(args):
           f"median of {args.repeats}, interleaved; max |dlogit| {delta:.2e}"
           + ("" if not decoder else f", greedy tokens {'identical' if same else 'DIFFER'}"))
     print(f"  {what}: {one_rate['dense']:.2f} dense vs {one_rate['compressed']:.2f} compressed: "
-          f"{out['one_ratio']:.2f}x")
+          f"{out['one_ratio']:.2f}x wall; CPU time {out['one_rate_dense_cpu']:.2f} vs {out['one_rate_compressed_cpu']:.2f}: "
+          f"{out['one_ratio_cpu']:.2f}x")
     print(f"  batched forward {args.batch_size}x{args.length} (examples/s): {out['batched_examples_per_s_dense']:.2f} "
-          f"dense vs {out['batched_examples_per_s_compressed']:.2f} compressed: {out['batched_ratio']:.2f}x")
+          f"dense vs {out['batched_examples_per_s_compressed']:.2f} compressed: {out['batched_ratio']:.2f}x wall, "
+          f"{out['batched_ratio_cpu']:.2f}x CPU time")
     print(f"  physical bound (Linear FLOPs and weight bytes per token{', LM head included' if decoder else ''}): "
           f"{out['bound_linear_flops_and_bytes']:.2f}x")
     return out

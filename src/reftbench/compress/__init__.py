@@ -15,7 +15,7 @@ from .. import architectures as archs
 from ..errors import ConfigError
 from ..models import count_params
 from .modules import CompactAttention, CompactLinear, CompactMLP
-from .plan import LayerPlan, plan_counts, plans
+from .plan import ALIGN_FROM, ROW_ALIGN, LayerPlan, plan_counts, plans
 
 FORMAT = "reftbench-finegates-compressed/2"
 FINEGATES = ("finegates", "finegates_lora")
@@ -78,7 +78,12 @@ def _layer(method, gates: dict, block, layer: int, plan: LayerPlan, dtype) -> di
         w, b = folded[role]
         return w, b, plan.rows_cols(role, *shape[role])[0]
     d = shape["q"][1]
-    qkv = _compact([part("q"), part("k"), part("v")], plan.att_cols, None, d, None, dtype)
+    parts = [part("q"), part("k"), part("v")]
+    n_rows = sum(len(r) for _, _, r in parts)
+    if n_rows >= ALIGN_FROM and n_rows % ROW_ALIGN:  # zero rows up to an aligned GEMM; attention ignores them
+        pad = ROW_ALIGN - n_rows % ROW_ALIGN
+        parts.append((torch.zeros(pad, d), None, list(range(pad))))
+    qkv = _compact(parts, plan.att_cols, None, d, None, dtype)
     w, b = folded["o"]
     o = _compact([(w.index_select(1, torch.tensor(plan.o_cols())), b,
                    plan.o_rows if plan.o_rows is not None else list(range(shape["o"][0])))],

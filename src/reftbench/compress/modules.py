@@ -68,6 +68,8 @@ class CompactAttention(nn.Module):
         self.scaling, self.is_causal, self.decoder = scaling, decoder, decoder
         self.attention_dropout = 0.0
         self.sizes = (heads * m_qk, kv_heads * m_qk, kv_heads * m_v)
+        extra = qkv.weight.shape[0] - sum(self.sizes)  # zero rows that align the fused GEMM
+        self.split = self.sizes + ((extra,) if extra else ())
         self.qkv, self.rope = qkv, rope
         if decoder:
             self.o_proj = o_proj
@@ -102,7 +104,7 @@ class CompactAttention(nn.Module):
         kwargs.pop("use_cache", None)
         cache = cache if cache is not None else past_key_values
         b, t = hidden_states.shape[:2]
-        q, k, v = self.qkv(hidden_states).split(self.sizes, dim=-1)
+        q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)[:3]
         q = q.view(b, t, self.heads, self.m_qk).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.m_qk).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.m_v).transpose(1, 2)

@@ -17,6 +17,10 @@ Per block, with g_r / g_c the eval gates (all ones for a Linear that is not gate
   them (gate and up likewise); o_proj and down_proj rows scatter into it. Both happen only where at least
   MIN_DEAD of the width is dead: below that the gather costs more than the narrower matmul saves, and
   the dead columns or rows are stored as zeros.
+- Layout for speed (exact, it only keeps dead units or rows as padding): the kept MLP units and the
+  scattered rows are topped up to a multiple of ROW_ALIGN (CPU GEMMs run up to 1.4x slower on row counts
+  that are not), and the value width is padded to the q/k width when they differ by at most an eighth
+  (equal widths let scaled_dot_product_attention take its fused path).
 """
 from dataclasses import dataclass
 
@@ -26,6 +30,8 @@ from .. import architectures as archs
 from ..errors import ConfigError
 
 MIN_DEAD = 0.05
+ROW_ALIGN = 16
+ALIGN_FROM = 256  # widths below this (test-sized models) are not padded: their GEMMs cost little either way
 
 
 @dataclass
@@ -99,20 +105,31 @@ def _where(t: torch.Tensor) -> list[int]:
     return torch.nonzero(t).flatten().tolist()
 
 
-def _residual(open_: torch.Tensor) -> list[int] | None:
+def _aligned(keep: list[int], n: int) -> list[int]:
+    """`keep` topped up with the lowest other indices below n to a multiple of ROW_ALIGN (or to n)."""
+    if n < ALIGN_FROM:
+        return keep
+    want = min(n, -(-len(keep) // ROW_ALIGN) * ROW_ALIGN)
+    chosen = set(keep)
+    return sorted(keep + [i for i in range(n) if i not in chosen][:want - len(keep)])
+
+
+def _residual(open_: torch.Tensor, align: bool = False) -> list[int] | None:
     """The open positions of a residual-width vector, or None where too few are dead to pay a gather."""
     dead = int((~open_).sum())
-    return None if dead < MIN_DEAD * open_.numel() else _where(open_)
+    if dead < MIN_DEAD * open_.numel():
+        return None
+    return _aligned(_where(open_), open_.numel()) if align else _where(open_)
 
 
-def _widths(live: list[list[int]], width: int) -> list[list[int]]:
+def _widths(live: list[list[int]], width: int, at_least: int = 1) -> list[list[int]]:
     """One width for every head: the union of the live dims if no wider than the widest head, else each
     head's live dims topped up with its own dead dims (lowest first)."""
-    m = max(1, max(len(d) for d in live))
+    m = min(width, max(at_least, max(len(d) for d in live)))
     union = sorted(set().union(*live))
     if len(union) == m:
         return [union for _ in live]
-    return [d + [x for x in range(width) if x not in set(d)][:m - len(d)] for d in live]
+    return [sorted(d + [x for x in range(width) if x not in set(d)][:m - len(d)]) for d in live]
 
 
 def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> LayerPlan:
@@ -142,7 +159,11 @@ def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> Layer
         else:
             qk_live.append(_where(k[g] & q_any))
         v_live.append(_where(v[g] & o_any))
-    qk = _widths(qk_live, half if arch.rope else hd)
+    m_qk = max(1, max(len(d) for d in qk_live)) * (2 if arch.rope else 1)
+    m_v = max(1, max(len(d) for d in v_live))
+    if n * hd >= ALIGN_FROM and abs(m_qk - m_v) <= max(m_qk, m_v) / 8:  # equal widths: SDPA's fused path
+        m_qk = m_v = max(m_qk + m_qk % 2 * arch.rope, m_v + m_v % 2 * arch.rope)
+    qk = _widths(qk_live, half if arch.rope else hd, m_qk // 2 if arch.rope else m_qk)
     if arch.rope:
         qk = [p + [d + half for d in p] for p in qk]
     unit = _open(gates["ffn_up"][0]) & _open(gates["ffn_down"][1])
@@ -150,12 +171,12 @@ def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> Layer
     if arch.ffn_gate:
         unit &= _open(gates["ffn_gate"][0])
         reads = reads | _open(gates["ffn_gate"][1])
-    ffn = _where(unit) or [0]  # a dead unit is exact padding: its up (or down) weights are zero
+    ffn = _aligned(_where(unit) or [0], unit.numel())  # a dead unit is exact padding: its up or down weights are 0
     return LayerPlan(
-        head_dim=hd, rope=arch.rope, heads=heads, kv_heads=kept_kv, qk=qk, v=_widths(v_live, hd), ffn=ffn,
+        head_dim=hd, rope=arch.rope, heads=heads, kv_heads=kept_kv, qk=qk, v=_widths(v_live, hd, m_v), ffn=ffn,
         att_cols=_residual(_open(gates["q"][1]) | _open(gates["k"][1]) | _open(gates["v"][1])),
-        ffn_cols=_residual(reads), o_rows=_residual(_open(gates["o"][0])),
-        down_rows=_residual(_open(gates["ffn_down"][0])))
+        ffn_cols=_residual(reads), o_rows=_residual(_open(gates["o"][0]), align=True),
+        down_rows=_residual(_open(gates["ffn_down"][0]), align=True))
 
 
 def block_gates(method, gates: dict, layer: int) -> dict:
