@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("run_dir", nargs="?")
     ap.add_argument("--random-gates", type=float, metavar="S", help="close gates at random so that the share S "
                     "of the non-embedding Linear weights is removed (no run needed)")
+    ap.add_argument("--json", type=Path, help="also write the measurement here (RUN_DIR/bench.json: the sweep report reads it)")
     ap.add_argument("--model", default="smollm2-135m", help="--random-gates: a conf/model name")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=32, help="--random-gates: greedy tokens per decoding")
@@ -102,18 +103,9 @@ def main(argv=None):
         for b in batches:
             keep = b["attention_mask"].bool() if logits(dense, b).dim() == 3 else slice(None)
             delta = max(delta, float((logits(dense, b) - logits(small, b))[keep].abs().max()))
-        for _ in range(args.warmup):
-            for model in (dense, small):
-                for b in batches:
-                    logits(model, b)
-        times = {"dense": [], "compressed": []}
-        for _ in range(args.repeats):
-            for name, model in (("dense", dense), ("compressed", small)):
-                t = time.perf_counter()
-                for b in batches:
-                    logits(model, b)
-                times[name].append(time.perf_counter() - t)
-    t_dense, t_comp = statistics.median(times["dense"]), statistics.median(times["compressed"])
+    wall, cpu = _interleaved({"dense": dense, "compressed": small}, lambda mdl: [logits(mdl, b) for b in batches],
+                             args.repeats, args.warmup)
+    t_dense, t_comp = wall["dense"], wall["compressed"]
     m = record.get("metrics", {})
     scores = {k: (m.get(k) or {}).get("score") for k in ("trained",)}
     scores["compressed"] = ((record.get("compressed") or {}).get("metrics") or {}).get("score")
@@ -127,6 +119,9 @@ def main(argv=None):
         "batches": len(batches), "batch_size": args.batch_size, "tokens": tokens, "threads": args.threads,
         "repeats": args.repeats, "dense_seconds": t_dense, "compressed_seconds": t_comp,
         "speedup": t_dense / t_comp, "time_reduction": 1 - t_comp / t_dense, "max_abs_dlogit": delta,
+        "dense_cpu_seconds": cpu["dense"], "compressed_cpu_seconds": cpu["compressed"],
+        "speedup_cpu": cpu["dense"] / cpu["compressed"],
+        "removed_cascade_share_linear": info.get("removed_cascade_share_linear"),
         "score_trained": scores["trained"], "score_compressed": scores["compressed"],
     }
     print(json.dumps(out, indent=2))
@@ -134,8 +129,16 @@ def main(argv=None):
           f"model's parameters removed ({100 * out['removed_cascade_share_gated']:.1f}% of the gated weights); "
           f"CPU forward {t_dense * 1e3:.1f} ms dense vs {t_comp * 1e3:.1f} ms compressed (median of {args.repeats}, "
           f"{args.threads} thread(s), {len(batches)}x{args.batch_size}): {t_dense / t_comp:.2f}x, "
-          f"{100 * out['time_reduction']:.1f}% less time; max |dlogit| {delta:.2e}")
+          f"{100 * out['time_reduction']:.1f}% less time; CPU time {out['speedup_cpu']:.2f}x; max |dlogit| {delta:.2e}")
+    _write_json(args, out)
     return out
+
+
+def _write_json(args, out: dict) -> None:
+    if args.json:
+        from reftbench.atomic import atomic_path
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(out, indent=2))
 
 
 def _interleaved(pair: dict, fn, repeats: int, warmup: int) -> tuple[dict, dict]:
@@ -259,6 +262,7 @@ def random_gates(args):
           f"{out['batched_ratio_cpu']:.2f}x CPU time")
     print(f"  physical bound (Linear FLOPs and weight bytes per token{', LM head included' if decoder else ''}): "
           f"{out['bound_linear_flops_and_bytes']:.2f}x")
+    _write_json(args, out)
     return out
 
 
