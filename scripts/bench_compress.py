@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m", help="--random-gates: a conf/model name")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=32, help="--random-gates: greedy tokens per decoding")
-    ap.add_argument("--length", type=int, default=64, help="--random-gates: tokens per example, batched forward")
+    ap.add_argument("--length", type=int, default=64, help="--random-gates: tokens per example, batched forward (plain English text)")
     ap.add_argument("--compressed", help="a compressed checkpoint (default: RUN_DIR/compressed, else made now)")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=None, help="default 32; --random-gates: 8")
@@ -183,6 +183,21 @@ def _close_at_random(method, share: float, seed: int) -> float:
     return apply(hi)
 
 
+TEXT = ("The river runs past the old mill and under the stone bridge before it reaches the town. In spring the "
+        "water rises and the fields along the bank turn green; by late summer it is low enough to cross on foot. "
+        "People in the town still argue about whether the mill should be repaired or pulled down, and the council "
+        "has postponed its decision three times. Meanwhile children fish from the bridge, a baker sells bread at "
+        "the market every Saturday, and the bus to the city leaves at seven in the morning. ")
+
+
+def text_batch(tok, batch: int, length: int) -> dict:
+    """`batch` windows of `length` tokens of plain English (TEXT repeated), shifted by a few tokens each."""
+    ids = tok(TEXT * (2 + batch * length // 60), add_special_tokens=False)["input_ids"]
+    rows = [ids[3 * i: 3 * i + length] for i in range(batch)]
+    x = torch.tensor(rows)
+    return {"input_ids": x, "attention_mask": torch.ones_like(x)}
+
+
 def random_gates(args):
     from omegaconf import OmegaConf
     from reftbench import compress, methods, models
@@ -204,11 +219,8 @@ def random_gates(args):
     info = compress.shrink(other)
     del other
 
-    g = torch.Generator().manual_seed(args.seed)
-    vocab = dense.config.vocab_size
-    batch = {"input_ids": torch.randint(100, vocab, (args.batch_size, args.length), generator=g)}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    prompt = torch.randint(100, vocab, (1, 16), generator=g)
+    batch = text_batch(tok, args.batch_size, args.length)
+    prompt = text_batch(tok, 1, 16)["input_ids"]
     with torch.inference_mode():  # the gated model (hooks) against the compressed one
         ref, out = dense(**batch).logits, small(**batch).logits
         delta = float((ref - out).abs().max())
