@@ -224,12 +224,18 @@ def random_gates(args):
     with torch.inference_mode():  # the gated model (hooks) against the compressed one
         ref, out = dense(**batch).logits, small(**batch).logits
         delta = float((ref - out).abs().max())
+        # the same in float64 (copies cast back exactly afterwards): what is left is the compression's own error
+        dense.double(), small.double()
+        delta64 = float((dense(**batch).logits - small(**batch).logits).abs().max())
+        dense.float(), small.float()
         same = True
         if decoder:
             kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                       pad_token_id=tok.pad_token_id or 0)
             same = torch.equal(dense.generate(prompt, **kw), small.generate(prompt, **kw))
     gated.merge(keep_original=False)  # dense shapes with the gates folded: the uncompressed cost
+    with torch.inference_mode():  # fp32 rounding alone: the gated model against itself with the gates folded
+        fold = float((dense(**batch).logits - ref).abs().max())
     pair = {"dense": dense, "compressed": small}
     if decoder:
         one, one_cpu = _interleaved(pair, lambda m: m.generate(prompt, **kw), args.repeats, args.warmup)
@@ -245,7 +251,8 @@ def random_gates(args):
         "model": args.model, "seed": args.seed, "asked": args.random_gates, "threads": args.threads,
         "repeats": args.repeats, "removed_share_linear": reached, "removed_share_model": info["params_removed_total"] / info["params_dense"],
         "linear_weights": n_linear, "params_dense": info["params_dense"], "params_compressed": info["params_compressed"],
-        "max_abs_dlogit": delta, "same_greedy_tokens": same,
+        "max_abs_dlogit": delta, "max_abs_dlogit_fp64": delta64, "max_abs_dlogit_fold_only": fold,
+        "max_abs_logit": float(ref.abs().max()), "same_greedy_tokens": same,
         "one_rate_dense": one_rate["dense"], "one_rate_compressed": one_rate["compressed"],
         "one_ratio": one_rate["compressed"] / one_rate["dense"],
         "batched_examples_per_s_dense": args.batch_size / many["dense"],
@@ -264,8 +271,10 @@ def random_gates(args):
     what = "greedy decoding, batch 1 (tokens/s)" if decoder else "forward, batch 1 (examples/s)"
     print(f"{args.model}: {100 * reached:.1f}% of the non-embedding Linear weights removed at random "
           f"({100 * out['removed_share_model']:.1f}% of the model), seed {args.seed}, {args.threads} thread(s), "
-          f"median of {args.repeats}, interleaved; max |dlogit| {delta:.2e}"
-          + ("" if not decoder else f", greedy tokens {'identical' if same else 'DIFFER'}"))
+          f"median of {args.repeats}, interleaved"
+          + ("" if not decoder else f"; greedy tokens {'identical' if same else 'DIFFER'}"))
+    print(f"  max |dlogit| gated vs compressed: {delta:.2e} in fp32 ({delta64:.1e} in fp64; fp32 rounding alone, "
+          f"gated vs the same gates folded into the dense weights: {fold:.2e}; max |logit| {out['max_abs_logit']:.1f})")
     print(f"  {what}: {one_rate['dense']:.2f} dense vs {one_rate['compressed']:.2f} compressed: "
           f"{out['one_ratio']:.2f}x wall; CPU time {out['one_rate_dense_cpu']:.2f} vs {out['one_rate_compressed_cpu']:.2f}: "
           f"{out['one_ratio_cpu']:.2f}x")
