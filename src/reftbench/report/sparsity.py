@@ -129,7 +129,7 @@ def png(table: list[dict]) -> bytes | None:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, ((model, task), rs) in zip(axes.flat, sorted(panels.items())):
-        rs = sorted(rs, key=lambda r: r["target"])
+        rs = sorted(rs, key=lambda r: (r["removed_linear"] or 0, r["target"]))  # lines follow the x axis
         x = [100 * (r["removed_linear"] or 0) for r in rs]
         ax.errorbar(x, [100 * r["score"] for r in rs], yerr=[100 * (r["score_std"] or 0) for r in rs],
                     marker="o", color="#1f77b4", capsize=3, label="test score")
