@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-all bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-mini
+.PHONY: install browser demo test test-all bench clean reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-mini finegates-sweep bench-compress
 
 install: $(STAMP)
 
@@ -90,6 +90,22 @@ reproduce-mini: install
 	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_sst2 $(FG_MINI) $(call JOB_DIRS,mini) $(LAUNCH) $(ARGS)
 	$(REFT) -m seed=$(MINI_SEEDS) experiment=mini_obqa $(FG_MINI) $(call JOB_DIRS,mini) $(LAUNCH) $(ARGS)
 	$(REPORT) reproductions/mini --table mini --out-dir results/mini
+
+# FineGates' claim, measured (README "FineGates"): target sparsity 0-0.4 on SST-2 / MiniLM-L6 (two seeds) and
+# on chain-sum / SmolLM2-135M (one seed), every run compressed, its compressed model timed against the dense
+# one (scripts/bench_compress.py RUN_DIR --json), then the table and plot in results/finegates-sweep.
+FG_SPARSITY := 0,0.1,0.2,0.3,0.4
+finegates-sweep: install
+	$(REFT) -m experiment=finegates_sweep_sst2 intervention.target_sparsity=$(FG_SPARSITY) seed=$(MINI_SEEDS) $(call JOB_DIRS,finegates-sweep) $(LAUNCH) $(ARGS)
+	$(REFT) -m experiment=finegates_sweep_chainsum intervention.target_sparsity=0,0.2,0.4 seed=42 $(call JOB_DIRS,finegates-sweep) $(LAUNCH) $(ARGS)
+	for r in reproductions/finegates-sweep/*/; do test -f $$r/bench.json || \
+		OMP_NUM_THREADS=1 $(PY) scripts/bench_compress.py $$r --compressed $$r/compressed --batches 2 --repeats 7 --json $$r/bench.json; done
+	$(PY) -m reftbench.report.sparsity reproductions/finegates-sweep --out-dir results/finegates-sweep
+
+# The compressed model's speed with gates closed at random at 30% of the non-embedding Linear weights (no training).
+bench-compress: install
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_compress.py --random-gates 0.3 --model smollm2-135m
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_compress.py --random-gates 0.3 --model minilm-l6
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -15,6 +15,7 @@ from reftbench.compress import plan as plan_mod
 from reftbench.errors import ConfigError
 
 TOL = 1e-5
+ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
 def gated(model, seed=0, mean=0.4, std=1.0, **kw):
@@ -83,15 +84,21 @@ def test_fused_mlp_keeps_a_unit_only_if_open_in_every_reader_and_writer():
         m.gates["0-mlp-gate_proj"].rows.logits[0:5] = -5   # units 0-4 dead through gate
         m.gates["0-mlp-up_proj"].rows.logits[10:13] = -5    # 10-12 through up
         m.gates["0-mlp-down_proj"].cols.logits[20:22] = -5  # 20-21 through down
-        m.gates["0-mlp-up_proj"].cols.logits[:8] = -5       # 8 input columns of up_proj gathered away
+        m.gates["0-mlp-up_proj"].cols.logits[:8] = -5       # 8 input columns closed in up_proj only:
+        m.gates["0-mlp-up_proj"].cols.logits[10:14] = -5    # gate_proj still reads them, so nothing is gathered
     x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    p = _one_block_plan(model, m)
+    assert len(p.ffn) == 118 and p.ffn_cols is None
+    with torch.no_grad():
+        m.gates["0-mlp-gate_proj"].cols.logits[:8] = -5     # now closed in both readers: one gather drops them
     ref, _ = forward(model, x, mask)
     compress.shrink(m)
     mlp = model.model.layers[0].mlp
-    assert mlp.gate_proj.weight.shape == (128 - 10, 64) and mlp.down_proj.weight.shape == (64, 118)
-    assert mlp.up_proj.weight.shape == (118, 56) and mlp.up_proj.in_index is not None
-    assert mlp.gate_proj.in_index is None and mlp.down_proj.out_index is None  # nothing to gather/scatter
-    assert model.model.layers[1].mlp.gate_proj.weight.shape == (128, 64)
+    assert mlp.gate_up.weight.shape == (2 * 118, 56) and mlp.down_proj.weight.shape == (64, 118)
+    assert mlp.gate_up.in_index is not None and mlp.down_proj.out_index is None  # nothing to scatter
+    assert model.model.layers[1].mlp.gate_up.weight.shape == (2 * 128, 64)
+    assert model.model.layers[1].mlp.gate_up.in_index is None  # all columns open: no gather at all
     assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
 
 
@@ -105,13 +112,13 @@ def test_value_dims_go_with_their_output_columns():
         m.gates["0-self_attn-o_proj"].cols.logits[16 + 6] = -5   # ... and head 1 dim 6: value dim 6 is dead
         m.gates["0-self_attn-v_proj"].rows.logits[16:26] = -5    # kv head 1 loses 10 dims
     p = _one_block_plan(model, m)
-    assert p.v[0] == [d for d in range(16) if d not in (0, 1, 2, 6)] and len(p.v[1]) == 6
-    assert p.m_v == 12  # padded to the widest kv head
+    # kv head 1's 6 live dims (10-15) lie inside kv head 0's 12: one uniform set of dims for the layer
+    assert p.v[0] == p.v[1] == [d for d in range(16) if d not in (0, 1, 2, 6)] and p.m_v == 12
     x, mask = inputs()
     ref, _ = forward(model, x, mask)
     compress.shrink(m)
     att = model.model.layers[0].self_attn
-    assert att.v_proj.weight.shape == (2 * 12, 64) and att.o_proj.weight.shape == (64, 4 * 12)
+    assert att.qkv.weight.shape == (4 * 16 + 2 * 16 + 2 * 12, 64) and att.o_proj.weight.shape == (64, 4 * 12)
     assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
 
 
@@ -122,7 +129,7 @@ def test_qk_dims_without_rope_drop_singly_and_keep_the_original_scale():
         m.gates["0-attention-self-query"].rows.logits[[0, 1, 2]] = -5   # head 0: q dims 0-2
         m.gates["0-attention-self-key"].rows.logits[[3, 8 + 1]] = -5    # head 0 dim 3, head 1 dim 1
     p = _one_block_plan(model, m)
-    assert p.qk[0] == [4, 5, 6, 7] and p.qk[1] == [0, 2, 3, 4, 5, 6, 7] and p.m_qk == 8
+    assert p.qk == [list(range(8))] * 4  # heads 2 and 3 keep all 8 dims: no narrower uniform width exists
     with torch.no_grad():  # now every head loses at least 2 dims
         for h in range(4):
             m.gates["0-attention-self-key"].rows.logits[[8 * h + 6, 8 * h + 7]] = -5
@@ -130,7 +137,7 @@ def test_qk_dims_without_rope_drop_singly_and_keep_the_original_scale():
     ref, _ = forward(model, x, mask)
     compress.shrink(m)
     att = model.bert.encoder.layer[0].attention.self
-    assert att.m_qk == 6 and att.query.weight.shape == (4 * 6, 32)
+    assert att.m_qk == 6 and att.qkv.weight.shape == (4 * 6 + 4 * 6 + 4 * 8, 32)
     assert att.scaling == pytest.approx(8 ** -0.5)
     assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
 
@@ -148,12 +155,61 @@ def test_rope_dims_go_in_pairs_and_the_result_is_exact():
     m = gated(model, mean=5.0, std=0.0)
     _close_single_rotary_dims(m)
     p = _one_block_plan(model, m)
-    assert p.qk[0] == [0, 1, 2, 3, 4, 6, 7]  # pairs (d, d+8): only pair 5 is dead (its k is closed in full)
-    assert p.qk[1] == list(range(8)) and p.m_qk == 16
+    assert p.qk == [list(range(16))] * 2  # kv head 0 lost pair 5, kv head 1 none: the uniform width is 16
+    with torch.no_grad():
+        m.gates["0-self_attn-k_proj"].rows.logits[[16 + 5, 16 + 13]] = -5  # pair 5 of kv head 1 too
+    p = _one_block_plan(model, m)
+    pairs = [0, 1, 2, 3, 4, 6, 7]  # pairs (d, d+8): only pair 5 is dead (its k is closed in full)
+    assert p.qk == [pairs + [d + 8 for d in pairs]] * 2 and p.shared
     x, mask = inputs()
     ref, _ = forward(model, x, mask)
     compress.shrink(m)
+    att = model.model.layers[0].self_attn
+    assert att.rope == "shared" and att.m_qk == 14 and model.model.layers[1].self_attn.rope == "full"
     assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+def test_heads_with_different_dead_pairs_keep_their_own_dims_at_one_width():
+    model = tiny_llama().model
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        m.gates["0-self_attn-k_proj"].rows.logits[[5, 13]] = -5            # kv head 0: pair 5
+        m.gates["0-self_attn-k_proj"].rows.logits[[16 + 2, 16 + 10]] = -5  # kv head 1: pair 2
+        m.gates["0-self_attn-v_proj"].rows.logits[[1, 16 + 3]] = -5        # one value dim each
+    p = _one_block_plan(model, m)
+    assert not p.shared and p.m_qk == 14 and p.m_v == 15
+    assert p.qk[0][:7] == [0, 1, 2, 3, 4, 6, 7] and p.qk[1][:7] == [0, 1, 3, 4, 5, 6, 7]
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    compress.shrink(m)
+    att = model.model.layers[0].self_attn
+    assert att.rope == "per_head" and tuple(att.rope_index.shape) == (2, 14)
+    assert (forward(model, x, mask)[0] - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_whole_heads_go_when_their_output_is_closed(family):
+    model = tiny_llama().model if family == "llama" else tiny_bert()
+    m = gated(model, mean=5.0, std=0.0)
+    hd = 16 if family == "llama" else 8
+    o = "0-self_attn-o_proj" if family == "llama" else "0-attention-output-dense"
+    with torch.no_grad():
+        m.gates[o].cols.logits[1 * hd:2 * hd] = -5   # head 1 writes nothing
+        m.gates[o].cols.logits[3 * hd:4 * hd] = -5   # nor head 3
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    p = _one_block_plan(model, m)
+    assert p.heads == [0, 2] and p.kv_heads == ([0, 1] if family == "llama" else [0, 2])
+    if family == "llama":  # GQA: the whole kv head 1 goes when both its query heads are dead
+        with torch.no_grad():
+            m.gates[o].cols.logits[2 * hd:3 * hd] = -5
+        ref, _ = forward(model, x, mask)
+        p = _one_block_plan(model, m)
+        assert p.heads == [0] and p.kv_heads == [0]
+    compress.shrink(m)
+    layer = model.model.layers[0].self_attn if family == "llama" else model.bert.encoder.layer[0].attention.self
+    assert layer.heads == len(p.heads) and layer.kv_heads == len(p.kv_heads)
+    assert (forward(model, x, mask)[0] - ref)[mask.bool() if family == "llama" else slice(None)].abs().max() < TOL
 
 
 def test_dropping_single_rotary_dims_breaks_equality(monkeypatch):
@@ -171,7 +227,7 @@ def test_dropping_single_rotary_dims_breaks_equality(monkeypatch):
     def single_dims(arch, n, kv, hd, gates):
         from dataclasses import replace
         p = real_plan(replace(arch, rope=False), n, kv, hd, gates)
-        p.rope = False
+        p.rope = True
         return p
     monkeypatch.setattr(plan_mod, "layer_plan", single_dims)
     compress.shrink(m)
@@ -196,7 +252,7 @@ def test_accounting_matches_numel_of_the_shrunk_matrices():
     from reftbench.compress import _compact
     w, b = torch.randn(7, 5), torch.randn(7)
     rows, cols = [0, 2, 3, 4, 6], [1, 2, 3, 4]
-    lin = _compact(w, b, rows, cols, gather=True, scatter=True, dtype=torch.float32)
+    lin = _compact([(w, b, rows)], cols, rows, 5, 7, dtype=torch.float32)
     assert w.numel() - lin.weight.numel() == 15 == 7 * 5 - len(rows) * len(cols)
     x = torch.randn(3, 5)
     x_zeroed = x.clone()
@@ -215,8 +271,9 @@ def test_report_counts_both_ways_as_shares_of_the_model_and_the_gated_weights():
     assert info["removed_cascade"] == rep["removed_cascade"]
     assert info["removed_per_layer_share_model"] == pytest.approx(rep["removed_per_layer"] / info["params_dense"])
     assert info["removed_cascade_share_gated"] == pytest.approx(rep["removed_cascade"] / info["gated_weights"])
-    # every removed weight element is gone from the model's parameter count (padding kept, biases included)
-    assert info["params_dense"] - info["params_compressed"] >= info["removed_cascade"] - 4 * 64 * 16 * 4
+    # the count is what is physically gone: every removed element is missing from the parameter count
+    assert info["params_dense"] - info["params_compressed"] == info["removed_cascade"]  # no biases in LLaMA
+    assert info["removed_cascade_share_linear"] == pytest.approx(rep["removed_cascade"] / m.linear_weights)
 
 
 def test_save_and_load_give_a_working_model_with_generation(tmp_path):
@@ -234,7 +291,7 @@ def test_save_and_load_give_a_working_model_with_generation(tmp_path):
     with torch.no_grad():
         assert (again(input_ids=x).logits - ref).abs().max() < TOL
         assert torch.equal(again.generate(input_ids=x, max_new_tokens=5, do_sample=False), ref_gen)
-    shapes = {tuple(s["linears"]["q"].values())[:2] for s in json.loads((out / "compress.json").read_text())["layers"]}
+    shapes = {s["modules"]["self_attn"]["qkv"]["rows"] for s in json.loads((out / "compress.json").read_text())["layers"]}
     assert len(shapes) > 1  # layers of different sizes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
@@ -316,3 +373,77 @@ def test_tied_embeddings_survive_save_and_load(tmp_path):
     again = compress.load(tmp_path / "c")
     assert again.lm_head.weight is again.model.embed_tokens.weight
     assert (forward(again, x, mask)[0] - ref)[mask.bool()].abs().max() < TOL
+
+
+def test_shrink_frees_the_dense_layers_it_replaces():
+    import gc
+    import weakref
+    model = tiny_llama().model
+    m = gated(model, seed=6)
+    block = model.model.layers[0]
+    dense = [weakref.ref(x) for x in (block.self_attn, block.self_attn.q_proj, block.self_attn.q_proj.weight,
+                                      block.mlp.down_proj, block.mlp.down_proj.weight)]
+    m.merge(keep_original=False)  # as compress=true does for its timing: no copy of the weights kept
+    compress.shrink(m)
+    gc.collect()
+    assert all(r() is None for r in dense)  # nothing (method, hooks, merge copies) holds them any more
+    assert not m.linears
+
+
+def test_compress_true_peak_memory_is_dense_plus_compressed(tmp_path):
+    """Bytes of live tensors while shrinking never exceed the dense weights plus the compact ones."""
+    import gc
+    model = tiny_llama(layers=6).model
+    m = gated(model, seed=7)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = [0]
+    real = compress._install
+
+    def install(block, modules):
+        real(block, modules)
+        gc.collect()
+        live = {t.data_ptr(): t.numel() * t.element_size() for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 64}
+        peak[0] = max(peak[0], sum(live.values()))
+    compress._install = install
+    try:
+        m.merge(keep_original=False)
+        info = compress.shrink(m)
+    finally:
+        compress._install = real
+    compact_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert info["params_compressed"] < info["params_dense"]
+    assert peak[0] <= dense_bytes + compact_bytes + 64 * 1024  # + the gates and one layer's indices
+
+
+def test_generation_config_survives_compression(tmp_path):
+    loaded = tiny_llama()
+    model = loaded.model
+    model.generation_config.pad_token_id = 3
+    model.generation_config.suppress_tokens = [3]
+    model.generation_config.eos_token_id = [2, 5]
+    out = compress.save(model, loaded.tokenizer, tmp_path / "c", compress.shrink(gated(model, seed=8)))
+    again = compress.load(out)
+    assert again.generation_config.suppress_tokens == [3] and again.generation_config.pad_token_id == 3
+    assert again.generation_config.eos_token_id == [2, 5]
+
+
+def test_compressible_types_come_from_the_architecture_table():
+    from reftbench import architectures as archs
+    assert set(archs.compressible_types()) == {"llama", "mistral", "qwen2", "bert", "roberta"}
+    assert "gemma" in archs.LLAMA.model_types and "gemma" not in archs.compressible_types()
+    assert not hasattr(plan_mod, "COMPRESSIBLE")
+
+
+def test_bench_random_gates_mode_removes_the_asked_share_and_matches_the_gated_model(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_compress", ROOT_DIR / "scripts" / "bench_compress.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--random-gates", "0.3", "--model", "tiny-random-llama", "--repeats", "1", "--warmup", "0",
+                      "--new-tokens", "3", "--length", "8", "--batch-size", "2"])
+    assert abs(out["removed_share_linear"] - 0.3) < 0.03
+    assert out["max_abs_dlogit"] <= 1e-4 and out["max_abs_dlogit_fp64"] <= 1e-10 and out["same_greedy_tokens"]
+    assert out["one_ratio"] > 0 and out["batched_ratio"] > 0 and out["bound_linear_flops_and_bytes"] > 1.2
+    printed = capsys.readouterr().out
+    assert "greedy decoding, batch 1" in printed and "batched forward" in printed

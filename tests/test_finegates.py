@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, tiny_bert, tiny_llama
 from reftbench import methods
 from reftbench.errors import ConfigError
-from reftbench.methods.finegates import GatePair, GateVector, layer_penalty, removed_per_layer
+from reftbench.methods.finegates import gate_values, keep_prob, layer_penalty, removed_per_layer
 from reftbench.run import plan, plan_line
 from reftbench.train import answer_loss
 
@@ -36,10 +36,7 @@ def batch_for(tok):
 
 
 def vector(values):
-    v = GateVector(len(values), 0.0, 0.0, None)
-    with torch.no_grad():
-        v.logits.copy_(torch.tensor(values, dtype=torch.float32))
-    return v
+    return torch.tensor(values, dtype=torch.float32)
 
 
 # ---- gates and regulariser ------------------------------------------------------------------
@@ -74,14 +71,12 @@ def test_eval_is_deterministic_train_is_noisy_and_sigma_zero_is_not():
 
 
 def test_keep_probability_reference_values():
-    p = vector([1.0, 0.0, -THRESHOLD, 50.0, -50.0]).keep_prob(0.5)
+    p = keep_prob(vector([1.0, 0.0, -THRESHOLD, 50.0, -50.0]), 0.5)
     assert p.tolist() == pytest.approx([0.994185, 0.841345, 0.5, 0.998650, 0.158655], abs=1e-6)
 
 
 def layer(rows, cols):
-    pair = GatePair(torch.nn.Linear(len(cols), len(rows)), methods.finegates.FineGatesConfig(name="finegates"))
-    pair.rows, pair.cols = vector(rows), vector(cols)
-    return pair
+    return vector(rows), vector(cols)
 
 
 ROWS = [1, -1, 0.2, -0.3, 0, -0.56, 3]
@@ -89,30 +84,30 @@ COLS = [-2, 0.1, 1, -0.549, 0.6]
 
 
 def test_layer_penalty_reference_values():
-    assert float(layer_penalty(layer([1.0] * 7, [1.0] * 5), 0.6, 0.5)) == pytest.approx(0.394185, abs=1e-6)
-    assert float(layer_penalty(layer([0.0] * 7, [0.0] * 5), 0.6, 0.5)) == pytest.approx(0.241345, abs=1e-6)
-    pair = layer(ROWS, COLS)
-    assert float(pair.rows.keep_prob(0.5).mean()) == pytest.approx(0.744064, abs=1e-6)
-    assert float(pair.cols.keep_prob(0.5).mean()) == pytest.approx(0.707365, abs=1e-6)
-    assert float(layer_penalty(pair, 0.6, 0.5)) == pytest.approx(0.125714, abs=1e-6)
+    assert float(layer_penalty(*layer([1.0] * 7, [1.0] * 5), 0.6, 0.5)) == pytest.approx(0.394185, abs=1e-6)
+    assert float(layer_penalty(*layer([0.0] * 7, [0.0] * 5), 0.6, 0.5)) == pytest.approx(0.241345, abs=1e-6)
+    rows, cols = layer(ROWS, COLS)
+    assert float(keep_prob(rows, 0.5).mean()) == pytest.approx(0.744064, abs=1e-6)
+    assert float(keep_prob(cols, 0.5).mean()) == pytest.approx(0.707365, abs=1e-6)
+    assert float(layer_penalty(rows, cols, 0.6, 0.5)) == pytest.approx(0.125714, abs=1e-6)
 
 
 def test_eval_gate_thresholds_and_the_example():
-    g = vector([-THRESHOLD - 1e-4, -THRESHOLD + 1e-4, THRESHOLD - 1e-4, THRESHOLD + 1e-4]).gates()
+    g = gate_values(vector([-THRESHOLD - 1e-4, -THRESHOLD + 1e-4, THRESHOLD - 1e-4, THRESHOLD + 1e-4]))
     assert g[0] == 0 and 0 < g[1] < 1 and 0 < g[2] < 1 and g[3] == 1
-    pair = layer(ROWS, COLS)
-    assert pair.rows.gates().tolist() == pytest.approx([1, 0, 0.6974, 0.2087, 0.5, 0, 1], abs=1e-4)
-    assert pair.cols.gates().tolist() == pytest.approx([0, 0.5997, 1, 0.0002, 1], abs=1e-4)
+    rows, cols = layer(ROWS, COLS)
+    assert gate_values(rows).tolist() == pytest.approx([1, 0, 0.6974, 0.2087, 0.5, 0, 1], abs=1e-4)
+    assert gate_values(cols).tolist() == pytest.approx([0, 0.5997, 1, 0.0002, 1], abs=1e-4)
 
 
 def test_authors_count_on_the_example():
-    pair = layer(ROWS, COLS)
-    assert removed_per_layer(pair.rows.gates(), pair.cols.gates()) == 7 * 5 - 5 * 4 == 15
+    rows, cols = layer(ROWS, COLS)
+    assert removed_per_layer(gate_values(rows), gate_values(cols)) == 7 * 5 - 5 * 4 == 15
 
 
 def test_saturated_gates_get_no_task_gradient_but_a_penalty_gradient():
     loaded = tiny_llama()
-    m = fg(loaded.model, noise_std=0.0)
+    m = fg(loaded.model, noise_std=0.0, reg="target")  # the authors' penalty reaches every gate
     set_logits(m, 1.0)
     m.train()
     batch = batch_for(loaded.tokenizer)
@@ -330,3 +325,103 @@ def test_glue_presets_carry_the_authors_defaults(size, model):
     assert (iv.sparsity_weight, iv.target_sparsity, iv.noise_std, iv.reg_std, iv.lr, iv.head_lr) == (50, 0.4, 0.1, 0.5, 1e-3, 1e-3)
     assert (tr.epochs, tr.batch_size, tr.lr, tr.weight_decay, tr.max_length) == (100, 16, 1e-3, 0.0, 512)
     assert cfg.seed == 1948 and cfg.compress is True and iv.train_bias == "gated"
+
+
+# ---- the target sparsity is reached ------------------------------------------------------------
+
+def _train_tiny(m, model, steps, seed=0):
+    from reftbench.data import collate_classification
+    from reftbench.train import train
+    g = torch.Generator().manual_seed(seed)
+    examples = [{"input_ids": torch.randint(4, 90, (8,), generator=g).tolist(), "label": i % 2, "prompt_length": 8}
+                for i in range(64)]
+
+    def loss_fn(mdl, batch):
+        logits = mdl(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+    cfg = OmegaConf.create({"lr": m.config.lr, "batch_size": 8, "grad_accum": 1, "max_length": 16, "epochs": 1,
+                            "max_steps": steps, "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                            "checkpoints": False})
+    train(model, m, examples, cfg, lambda ex: collate_classification(ex, 0), loss_fn, seed=seed)
+    return m.report()
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5])
+def test_gates_close_to_the_asked_share_of_the_gated_weights(s):
+    torch.manual_seed(0)
+    model = tiny_bert()
+    m = fg(model, lr=5e-2, target_sparsity=s, sparsity_warmup=40, init_mean=0.6, init_std=0.02)
+    rep = _train_tiny(m, model, 80)
+    assert abs(rep["sparsity_gated"] - s) <= 0.05, rep["sparsity_gated"]
+    assert all(abs(v - s) <= 0.05 for v in rep["sparsity_by_type"].values()), rep["sparsity_by_type"]
+    assert set(rep["sparsity_by_type"]) == set(m.targets)
+    assert rep["sparsity_linear"] < rep["sparsity_gated"] and rep["sparsity_model"] < rep["sparsity_linear"]
+
+
+def test_the_authors_form_misses_the_target_on_the_same_run():
+    """The authors' penalty matches a mean keep-probability; on this run no weight share near s follows."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    m = fg(model, lr=5e-2, target_sparsity=0.3, sparsity_warmup=40, init_mean=0.6, init_std=0.02, reg="target")
+    rep = _train_tiny(m, model, 80)
+    assert abs(rep["sparsity_gated"] - 0.3) > 0.05, rep["sparsity_gated"]
+
+
+def test_rank_regulariser_pulls_the_lowest_gates_closed_and_strays_back_open():
+    model = tiny_llama().model
+    m = fg(model, target_sparsity=1 - 0.75 ** 2)  # f = 1/4 of each side: 16 of up_proj's 64 columns
+    set_logits(m, 1.0)
+    with torch.no_grad():
+        cols = m.gates["0-mlp-up_proj"].cols.logits
+        cols[:15] = 0.5    # with the closed gate 20: the 16 lowest, pulled down
+        cols[20] = -2.0
+        rows = m.gates["0-mlp-up_proj"].rows.logits
+        rows[:] = torch.linspace(0.0, 2.0, 128)
+    grads = dict(zip(["rows", "cols"], torch.autograd.grad(m.regulariser(), [m.gates.rows["mlp-up_proj"],
+                                                                               m.gates.cols["mlp-up_proj"]])))
+    g = grads["cols"][0]
+    assert (g[:15] > 0).all() and g[20] > 0 and (g[15:20] == 0).all() and (g[21:] == 0).all()
+    assert (grads["rows"][0][:32] > 0).all() and (grads["rows"][0][32:] == 0).all()  # the 32 lowest of 128
+    with torch.no_grad():
+        cols[:] = 1.0
+        cols[40] = -2.0
+        cols[:16] = -1.0   # 17 closed gates: the 16 lowest stay pulled down, the 17th is pulled back open
+    g = torch.autograd.grad(m.regulariser(), [m.gates.cols["mlp-up_proj"]])[0][0]
+    assert g[40] > 0 and (g[:16] > 0).sum() == 15 and (g[:16] < 0).sum() == 1
+
+
+def test_sparsity_warmup_ramps_the_target_and_counts_training_forwards():
+    model = tiny_llama().model
+    m = fg(model, target_sparsity=0.4, sparsity_warmup=10)
+    assert m.target_now() == 0.0
+    m.train()
+    for _ in range(5):
+        m.loss_term()
+    assert m.target_now() == pytest.approx(0.4 * (1 - 0.5 ** 3))
+    m.eval()
+    m.loss_term()  # evaluation does not advance the schedule
+    assert int(m.forwards) == 5
+    for _ in range(20):
+        m.train(), m.loss_term()
+    assert m.target_now() == 0.4
+    assert "forwards" in m.state_dict()  # saved with the gates: a resumed run continues the ramp
+
+
+def test_one_gate_draw_per_forward_for_the_whole_model():
+    model = tiny_llama().model
+    m = fg(model)
+    set_logits(m, 0.0)
+    m.train()
+    x = torch.randint(4, 90, (2, 7))
+    draws = []
+    real = m.draw
+
+    def counting():
+        if m._drawn is None:
+            draws.append(1)
+        return real()
+    m.draw = counting
+    with torch.no_grad():
+        model(input_ids=x)
+        model(input_ids=x)
+    assert len(draws) == 2  # not one per Linear

@@ -30,6 +30,7 @@ class Arch:
     qk_norm: bool = False          # a per-head norm on q and k (Gemma 3): q/k dims cannot be dropped
     lora_targets: tuple[str, ...] = ()
     finegates_targets: tuple[str, ...] = ()
+    compressible: tuple[str, ...] = ()  # model types reftbench.compress rebuilds exactly (Gemma: own scaling, q/k norms)
     pad_policy: str | None = None  # reserved: how batches are padded (not used yet)
     extra: dict = field(default_factory=dict)
 
@@ -60,6 +61,7 @@ LLAMA = Arch(
     ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj", rope=True,
     lora_targets=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
     finegates_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    compressible=("llama", "mistral", "qwen2"),
 )
 BERT = Arch(
     family="bert", kind="encoder", model_types=("bert", "roberta"),
@@ -69,6 +71,7 @@ BERT = Arch(
     lora_targets=("query", "value"),
     finegates_targets=("attention.self.query", "attention.self.key", "attention.self.value",
                        "attention.output.dense", "intermediate.dense", "output.dense"),
+    compressible=("bert", "roberta"),
 )
 ARCHITECTURES = (LLAMA, BERT)
 QK_NORM = {"gemma3_text"}
@@ -81,6 +84,15 @@ def for_model(model: nn.Module) -> Arch:
             return arch if mt not in QK_NORM else _with(arch, qk_norm=True)
     known = "; ".join(f"{a.kind}s {', '.join(a.model_types)}" for a in ARCHITECTURES)
     raise ConfigError(f"model type {mt!r} is not supported: reftbench handles {known}")
+
+
+def compressible(model: nn.Module) -> bool:
+    """Whether reftbench.compress can rebuild this model's layers exactly."""
+    return model_type(model) in compressible_types()
+
+
+def compressible_types() -> tuple[str, ...]:
+    return tuple(t for a in ARCHITECTURES for t in a.compressible)
 
 
 def kind(model: nn.Module) -> str:

@@ -14,111 +14,166 @@ import torch
 from .. import architectures as archs
 from ..errors import ConfigError
 from ..models import count_params
-from .modules import CompactAttention, CompactLinear
-from .plan import LayerPlan, plan_counts, plans
+from .modules import CompactAttention, CompactLinear, CompactMLP
+from .plan import ALIGN_FROM, ROW_ALIGN, LayerPlan, plan_counts, plans
 
-FORMAT = "reftbench-finegates-compressed/1"
+FORMAT = "reftbench-finegates-compressed/2"
 FINEGATES = ("finegates", "finegates_lora")
 
 
 def _fold(method, gates: dict, block, layer: int, role: str):
-    """Folded fp32 weight and bias of one Linear: g_r W g_c and g_r b (ungated layers as they are)."""
+    """Folded fp32 weight and bias of one Linear: g_r W g_c and g_r b (ungated or merged layers as they are)."""
     name = f"{layer}.{method.arch.path(role)}"
     m = archs.get(block, method.arch.path(role))
-    if name not in method.linears:
+    if name not in method.linears or method.merged:  # merged: the gates are folded in already
         return m.weight.detach().float(), None if m.bias is None else m.bias.detach().float()
     w, b = method.effective(name)
     gr, gc = gates[name]
     return gr[:, None] * w * gc[None, :], None if b is None else gr * b
 
 
-def _take(t: torch.Tensor, index: list[int], dim: int) -> torch.Tensor:
-    """index_select where -1 picks a zero slice (head padding)."""
-    pad = torch.zeros_like(t.narrow(dim, 0, 1))
-    ext = torch.cat([t, pad], dim)
-    idx = torch.tensor([i if i >= 0 else t.shape[dim] for i in index], dtype=torch.long)
-    return ext.index_select(dim, idx)
-
-
-def _compact(w, b, rows: list[int], cols: list[int], gather: bool, scatter: bool, dtype) -> CompactLinear:
-    out_f, in_f = w.shape
-    gather = gather and cols != list(range(in_f))
-    scatter = scatter and rows != list(range(out_f))
-    lin = CompactLinear(len(rows), len(cols), b is not None, len(cols) if gather else None,
-                        len(rows) if scatter else None, in_f, out_f, dtype=dtype)
+def _compact(parts: list, cols: list[int] | None, out_rows: list[int] | None, in_f: int, out_f: int,
+             dtype) -> CompactLinear:
+    """One CompactLinear from (weight, bias, rows) parts stacked along the output (a fused q/k/v or
+    gate/up), reading `cols` of the input (None: all) and writing `out_rows` of a full-width output
+    (None: no scatter)."""
+    rows = sum(len(r) for _, _, r in parts)
+    bias = any(b is not None for _, b, _ in parts)
+    n_cols = in_f if cols is None else len(cols)
+    lin = CompactLinear(rows, n_cols, bias, None if cols is None else len(cols),
+                        None if out_rows is None else len(out_rows), in_f, out_f, dtype=dtype)
     with torch.no_grad():
-        lin.weight.copy_(_take(_take(w, rows, 0), cols, 1).to(dtype))
-        if b is not None:
-            lin.bias.copy_(_take(b, rows, 0).to(dtype))
-        if gather:
+        at = 0
+        for w, b, r in parts:
+            idx = torch.tensor(r, dtype=torch.long)
+            sub = w.index_select(0, idx)
+            if cols is not None:
+                sub = sub.index_select(1, torch.tensor(cols, dtype=torch.long))
+            lin.weight[at:at + len(r)].copy_(sub.to(dtype))
+            if bias:
+                lin.bias[at:at + len(r)].copy_(b.index_select(0, idx).to(dtype) if b is not None else 0)
+            at += len(r)
+        if cols is not None:
             lin.in_index.copy_(torch.tensor(cols))
-        if scatter:
-            lin.out_index.copy_(torch.tensor(rows))
+        if out_rows is not None:
+            lin.out_index.copy_(torch.tensor(out_rows))
     return lin
 
 
-def _linears(method, gates: dict, block, layer: int, plan: LayerPlan, dtype) -> dict:
-    out = {}
-    for role in method.arch.roles:
-        w, b = _fold(method, gates, block, layer, role)
-        n_out, n_in = w.shape
-        rows, cols = plan.out_index(role, n_out), plan.in_index(role, n_in)
-        readers = role in ("q", "k", "v", "ffn_gate", "ffn_up")  # read the full residual stream
-        out[role] = _compact(w, b, rows, cols, gather=readers, scatter=role in ("o", "ffn_down"), dtype=dtype)
+def _rope_mode(plan: LayerPlan) -> str | None:
+    if not plan.rope:
+        return None
+    if plan.shared:
+        return "full" if plan.qk[0] == list(range(plan.head_dim)) else "shared"
+    return "per_head"
+
+
+def _layer(method, gates: dict, block, layer: int, plan: LayerPlan, dtype) -> dict:
+    """The compact modules of one block: path -> module."""
+    arch, model = method.arch, method.model_ref
+    folded = {r: _fold(method, gates, block, layer, r) for r in arch.roles}
+    shape = {r: tuple(w.shape) for r, (w, _) in folded.items()}
+
+    def part(role):
+        w, b = folded[role]
+        return w, b, plan.rows_cols(role, *shape[role])[0]
+    d = shape["q"][1]
+    parts = [part("q"), part("k"), part("v")]
+    n_rows = sum(len(r) for _, _, r in parts)
+    if n_rows >= ALIGN_FROM and n_rows % ROW_ALIGN:  # zero rows up to an aligned GEMM; attention ignores them
+        pad = ROW_ALIGN - n_rows % ROW_ALIGN
+        parts.append((torch.zeros(pad, d), None, list(range(pad))))
+    qkv = _compact(parts, plan.att_cols, None, d, None, dtype)
+    w, b = folded["o"]
+    o = _compact([(w.index_select(1, torch.tensor(plan.o_cols())), b,
+                   plan.o_rows if plan.o_rows is not None else list(range(shape["o"][0])))],
+                 None, plan.o_rows, len(plan.o_cols()), shape["o"][0], dtype)
+    w, b = folded["ffn_down"]
+    down = _compact([(w.index_select(1, torch.tensor(plan.ffn)), b,
+                      plan.down_rows if plan.down_rows is not None else list(range(shape["ffn_down"][0])))],
+                    None, plan.down_rows, len(plan.ffn), shape["ffn_down"][0], dtype)
+    decoder = arch.family != "bert"
+    att = CompactAttention(model.config, layer, len(plan.heads), len(plan.kv_heads), plan.m_qk, plan.m_v,
+                           plan.head_dim ** -0.5, _rope_mode(plan), qkv, o if decoder else None, decoder)
+    if att.rope_index is not None:
+        att.rope_index.copy_(torch.tensor(plan.qk[0] if att.rope == "shared" else plan.qk))
+    out = {arch.attention: att}
+    if decoder:
+        up = _compact([part("ffn_gate"), part("ffn_up")], plan.ffn_cols, None, shape["ffn_up"][1], None, dtype)
+        out[arch.path("ffn_down").rsplit(".", 1)[0]] = CompactMLP(model.config.hidden_act, up, down)
+    else:
+        out[arch.o] = o
+        out[arch.ffn_up] = _compact([part("ffn_up")], plan.ffn_cols, None, shape["ffn_up"][1], None, dtype)
+        out[arch.ffn_down] = down
     return out
 
 
-def _attention(model, layer: int, plan: LayerPlan, lins: dict, decoder: bool) -> CompactAttention:
-    hd = plan.head_dim
-    att = CompactAttention(model.config, layer, plan.heads, plan.kv_heads, plan.m_qk, plan.m_v, hd ** -0.5,
-                           plan.rope, lins, decoder)
-    if plan.rope:
-        with torch.no_grad():
-            att.rope_index.copy_(torch.tensor(plan.index["rope"]))
-    return att
+def _specs(modules: dict) -> dict:
+    return {path: {"type": type(m).__name__, **m.spec()} for path, m in modules.items()}
 
 
-def _install(model, arch, layer: int, att, lins: dict) -> None:
-    block = archs.blocks(model)[layer]
-    archs.put(block, arch.attention, att)
-    if arch.family == "bert":
-        archs.put(block, arch.o, lins["o"])
-    for role in ("ffn_gate", "ffn_up", "ffn_down"):
-        if arch.path(role):
-            archs.put(block, arch.path(role), lins[role])
+def _from_specs(config, layer: int, specs: dict, dtype, decoder: bool) -> dict:
+    def lin(s):
+        return CompactLinear.from_spec(s, dtype)
+    out = {}
+    for path, s in specs.items():
+        if s["type"] == "CompactAttention":
+            out[path] = CompactAttention(config, layer, s["heads"], s["kv_heads"], s["m_qk"], s["m_v"], s["scaling"],
+                                         s["rope"], lin(s["qkv"]), lin(s["o_proj"]) if decoder else None, decoder)
+        elif s["type"] == "CompactMLP":
+            out[path] = CompactMLP(s["act"], lin(s["gate_up"]), lin(s["down_proj"]))
+        else:
+            out[path] = lin(s)
+    return out
+
+
+def _install(block, modules: dict) -> None:
+    for path, m in modules.items():
+        archs.put(block, path, m)
 
 
 @torch.no_grad()
 def shrink(method) -> dict:
-    """Replace the gated model's layers by compact ones, in place; returns the facts for compress.json.
-    The method's hooks are removed: the model alone then computes the gated eval forward."""
+    """Replace the gated model's layers by compact ones, in place, one block at a time: a block's dense
+    Linears are released as soon as its compact layers are in, so the model never holds more than the
+    dense model plus the compressed one. Returns the facts for compress.json. The method is spent
+    afterwards (its hooks are removed and it no longer holds the dense layers); the model alone then
+    computes the gated eval forward."""
     model, arch = method.model_ref, method.arch
     dense = count_params(model)
     counts = plan_counts(method)
-    removed_per_layer = method.report()["removed_per_layer"]
+    rep = method.report()
     gated = sum(m.weight.numel() for m in method.linears.values())
+    linear = method.linear_weights
     gates = method.eval_gates()
     ps = plans(method)
     dtype = next(model.parameters()).dtype
+    method.remove()
     layers = []
     for i, (plan, block) in enumerate(zip(ps, archs.blocks(model))):
-        lins = _linears(method, gates, block, i, plan, dtype)
-        att = _attention(model, i, plan, lins, decoder=arch.family != "bert")
-        layers.append({"heads": plan.heads, "kv_heads": plan.kv_heads, "head_dim": plan.head_dim, "rope": plan.rope,
-                       "m_qk": plan.m_qk, "m_v": plan.m_v, "linears": {r: lin.spec() for r, lin in lins.items()}})
-        layers[-1]["_modules"] = (att, lins)
-    method.remove()
-    for i, spec in enumerate(layers):
-        _install(model, arch, i, *spec.pop("_modules"))
+        modules = _layer(method, gates, block, i, plan, dtype)
+        layers.append({"heads": len(plan.heads), "kv_heads": len(plan.kv_heads), "head_dim": plan.head_dim,
+                       "m_qk": plan.m_qk, "m_v": plan.m_v, "units": len(plan.ffn), "modules": _specs(modules)})
+        _install(block, modules)
+        for n in [n for n in method.linears if n.startswith(f"{i}.")]:
+            del method.linears[n]  # the dense Linear is referenced by nothing now: freed
+        gates = {n: g for n, g in gates.items() if not n.startswith(f"{i}.")}
+    method.biases = torch.nn.ParameterDict()
+    if method.lora:
+        method.adapters = torch.nn.ModuleDict()
+    method._merged = None
     after = count_params(model)
+    removed = counts["removed_cascade"]
     return {"format": FORMAT, "family": arch.family, "layers": layers,
-            "params_dense": dense, "params_compressed": after, "gated_weights": gated,
-            "removed_per_layer": removed_per_layer,
-            "removed_per_layer_share_model": removed_per_layer / dense,
-            "removed_per_layer_share_gated": removed_per_layer / gated,
-            "removed_cascade": counts["removed_cascade"],
-            "removed_cascade_share_model": counts["removed_cascade"] / dense,
-            "removed_cascade_share_gated": counts["removed_cascade"] / gated,
+            "params_dense": dense, "params_compressed": after, "gated_weights": gated, "linear_weights": linear,
+            "removed_per_layer": rep["removed_per_layer"],
+            "removed_per_layer_share_model": rep["removed_per_layer"] / dense,
+            "removed_per_layer_share_gated": rep["removed_per_layer"] / gated,
+            "removed_per_layer_share_linear": rep["removed_per_layer"] / linear,
+            "removed_cascade": removed,
+            "removed_cascade_share_model": removed / dense,
+            "removed_cascade_share_gated": removed / gated,
+            "removed_cascade_share_linear": removed / linear,
             "params_removed_total": dense - after}
 
 
@@ -130,6 +185,8 @@ def save(model, tokenizer, out, info: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)  # the runner's suppressed pad token, eos ids
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(_unique_state(model), str(tmp / "model.safetensors"))
@@ -171,25 +228,26 @@ def load(path, tokenizer: bool = False):
     if not meta_file.is_file():
         raise ConfigError(f"{path} is not a compressed checkpoint (no compress.json): make one with reftbench-compress")
     info = json.loads(meta_file.read_text())
+    if info.get("format") != FORMAT:
+        raise ConfigError(f"{path} is a {info.get('format')} checkpoint; this reftbench reads {FORMAT}: "
+                          "compress the run again with reftbench-compress")
     dtype = getattr(torch, info["dtype"])
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForCausalLM if info["auto_class"] == "causal_lm" else AutoModelForSequenceClassification
     with no_init_weights():
         model = cls.from_config(config, dtype=dtype)
     arch = archs.for_model(model)
-    for i, layer in enumerate(info["layers"]):
-        lins = {r: CompactLinear.from_spec(s, dtype) for r, s in layer["linears"].items()}
-        plan = LayerPlan(layer["heads"], layer["kv_heads"], layer["head_dim"], layer["rope"], [], [], [], {}, {},
-                         m_qk=layer["m_qk"], m_v=layer["m_v"])
-        att = CompactAttention(model.config, i, plan.heads, plan.kv_heads, plan.m_qk, plan.m_v,
-                               plan.head_dim ** -0.5, plan.rope, lins, decoder=arch.family != "bert")
-        _install(model, arch, i, att, lins)
+    for i, (layer, block) in enumerate(zip(info["layers"], archs.blocks(model))):
+        _install(block, _from_specs(model.config, i, layer["modules"], dtype, decoder=arch.family != "bert"))
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     missing = [k for k in missing if k not in _tied(model)]
     if missing or unexpected:
         raise ConfigError(f"{path}/model.safetensors does not match compress.json ({(missing + unexpected)[0]})")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # the LM head is the (loaded) input embedding
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -217,6 +275,7 @@ def summary(info: dict) -> dict:
 
 def after_run(method, tokenizer, out, evaluate, timing_batches=None, repeats: int = 5) -> dict:
     """End of a run with compress=true: shrink, save, reload the checkpoint and score it with `evaluate`.
+    Memory: the dense model, then (while shrinking) at most dense + compressed, then two compressed copies.
     timing_batches=(examples, collate, batch size): also time the dense forward (gates folded in place)
     against the compressed one on the first two batches (a quick figure; scripts/bench_compress.py is the measurement)."""
     from ..data import to_device
@@ -229,10 +288,9 @@ def after_run(method, tokenizer, out, evaluate, timing_batches=None, repeats: in
         device = next(model.parameters()).device
         batches = [to_device(collate(examples[i:i + size]), device) for i in range(0, min(len(examples), 2 * size), size)]
     timing = {}
-    if batches:
-        method.merge()  # the dense model's cost: same shapes as the base model, gates folded
+    if batches:  # the dense model's cost: gates folded in place (no copy kept), then shrunk as they are
+        method.merge(keep_original=False)
         dense = median_seconds(model, batches, repeats)
-        method.unmerge()
     info = shrink(method)
     if batches:
         timing = dict(speed(dense, median_seconds(model, batches, repeats)), repeats=repeats,

@@ -20,8 +20,9 @@ def main(argv=None) -> None:
         sys.exit(2)
     s = summary(info)
     print(f"compressed {args.run_dir} -> {args.out}: {s['params_dense']:,} -> {s['params_compressed']:,} params "
-          f"({100 * s['params_removed_total'] / s['params_dense']:.1f}% removed); gated weights removed: "
-          f"{100 * s['removed_cascade_share_gated']:.1f}% (cascade-aware), "
+          f"({100 * s['params_removed_total'] / s['params_dense']:.1f}% of the model removed); "
+          f"non-embedding Linear weights removed: {100 * s['removed_cascade_share_linear']:.1f}%; gated weights "
+          f"removed: {100 * s['removed_cascade_share_gated']:.1f}% (physically), "
           f"{100 * s['removed_per_layer_share_gated']:.1f}% (per layer, the authors' count)")
 
 

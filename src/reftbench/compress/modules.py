@@ -1,9 +1,14 @@
-"""The layers of a compressed model: a Linear that stores only its live rows and columns, and attention
-whose heads are narrower than head_dim (q/k and v widths may differ; the original 1/√head_dim scale is kept).
+"""The layers of a compressed model: Linears that store only their live rows and columns, q/k/v and gate/up
+each fused into one matmul behind one shared gather, and attention over the kept heads at a per-layer
+head width (the original 1/√head_dim scale is kept). Everything that depends on the gates (indices, the
+RoPE dim table) is built once, when the layer is made.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 
 class CompactLinear(nn.Module):
@@ -39,48 +44,58 @@ class CompactLinear(nn.Module):
         return y
 
 
-def _interface(module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 class CompactAttention(nn.Module):
-    """Self-attention over compact heads: q/k heads of width m_qk, v heads of width m_v.
+    """Self-attention over the kept heads: q/k heads of width m_qk, v heads of width m_v, q, k and v from
+    one matmul (`qkv`).
 
-    decoder=True replaces LLaMA's `self_attn` (RoPE on the kept rotary pairs via `rope_index`, a KV
-    cache, o_proj inside); decoder=False replaces BERT's `attention.self` (its output dense stays outside).
+    decoder=True replaces LLaMA's `self_attn` (RoPE on the kept rotary pairs, a KV cache, o_proj inside);
+    decoder=False replaces BERT's `attention.self` (its output dense stays outside).
+    rope: None (no RoPE), "full" (every dim kept: the model's tables as they are), "shared" (one dim table
+    for all heads, `rope_index` of shape (m_qk,)) or "per_head" (`rope_index` of shape (kv_heads, m_qk)).
     """
 
     def __init__(self, config, layer_idx: int, heads: int, kv_heads: int, m_qk: int, m_v: int, scaling: float,
-                 rope: bool, projections: dict, decoder: bool):
+                 rope: str | None, qkv: CompactLinear, o_proj: CompactLinear | None, decoder: bool):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.heads, self.kv_heads, self.m_qk, self.m_v = heads, kv_heads, m_qk, m_v
         self.num_key_value_groups = heads // kv_heads
         self.scaling, self.is_causal, self.decoder = scaling, decoder, decoder
         self.attention_dropout = 0.0
-        self.names = {r: n for r, n in zip(("q", "k", "v", "o"), ("q_proj", "k_proj", "v_proj", "o_proj"))} \
-            if decoder else {"q": "query", "k": "key", "v": "value"}
-        for role, name in self.names.items():
-            setattr(self, name, projections[role])
-        self.register_buffer("rope_index", torch.zeros(kv_heads * m_qk, dtype=torch.long) if rope else None)
+        self.sizes = (heads * m_qk, kv_heads * m_qk, kv_heads * m_v)
+        extra = qkv.weight.shape[0] - sum(self.sizes)  # zero rows that align the fused GEMM
+        self.split = self.sizes + ((extra,) if extra else ())
+        self.qkv, self.rope = qkv, rope
+        if decoder:
+            self.o_proj = o_proj
+        shape = {"shared": (m_qk,), "per_head": (kv_heads, m_qk)}.get(rope)
+        self.register_buffer("rope_index", None if shape is None else torch.zeros(shape, dtype=torch.long))
+        self.attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
-    def _proj(self, role, x, heads, width):
-        b, t = x.shape[:2]
-        return getattr(self, self.names[role])(x).view(b, t, heads, width).transpose(1, 2)
+    def spec(self) -> dict:
+        return {"heads": self.heads, "kv_heads": self.kv_heads, "m_qk": self.m_qk, "m_v": self.m_v,
+                "scaling": self.scaling, "rope": self.rope, "qkv": self.qkv.spec(),
+                "o_proj": self.o_proj.spec() if self.decoder else None}
 
     def _rope(self, q, k, cos, sin):
-        idx = self.rope_index.view(self.kv_heads, self.m_qk)
-        cos_k = cos[..., idx].permute(0, 2, 1, 3)  # (b, t, kv, m) -> (b, kv, t, m)
-        sin_k = sin[..., idx].permute(0, 2, 1, 3)
-        cos_q = cos_k.repeat_interleave(self.num_key_value_groups, dim=1)
-        sin_q = sin_k.repeat_interleave(self.num_key_value_groups, dim=1)
-
-        def rotate_half(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat((-x2, x1), dim=-1)
-        return q * cos_q + rotate_half(q) * sin_q, k * cos_k + rotate_half(k) * sin_k
+        if self.rope == "full":
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        elif self.rope == "shared":
+            cos, sin = cos.index_select(-1, self.rope_index).unsqueeze(1), sin.index_select(-1, self.rope_index).unsqueeze(1)
+        else:  # (b, t, kv, m) -> (b, kv, t, m); a group's query heads broadcast over their kv head's table
+            b, h, t, m = q.shape
+            flat = self.rope_index.view(-1)
+            cos = cos.index_select(-1, flat).view(*cos.shape[:-1], self.kv_heads, m).transpose(1, 2)
+            sin = sin.index_select(-1, flat).view(*sin.shape[:-1], self.kv_heads, m).transpose(1, 2)
+            qg = q.view(b, self.kv_heads, self.num_key_value_groups, t, m)
+            qg = qg * cos.unsqueeze(2) + rotate_half(qg) * sin.unsqueeze(2)
+            return qg.view(b, h, t, m), k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
@@ -89,15 +104,34 @@ class CompactAttention(nn.Module):
         kwargs.pop("use_cache", None)
         cache = cache if cache is not None else past_key_values
         b, t = hidden_states.shape[:2]
-        q = self._proj("q", hidden_states, self.heads, self.m_qk)
-        k = self._proj("k", hidden_states, self.kv_heads, self.m_qk)
-        v = self._proj("v", hidden_states, self.kv_heads, self.m_v)
-        if self.rope_index is not None:
+        q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)[:3]
+        q = q.view(b, t, self.heads, self.m_qk).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.m_qk).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.m_v).transpose(1, 2)
+        if self.rope is not None:
             q, k = self._rope(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out, weights = _interface(self)(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        out, weights = self.attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(b, t, -1).contiguous()
         if self.decoder:
             out = self.o_proj(out)
         return out, weights
+
+
+class CompactMLP(nn.Module):
+    """LLaMA's gated MLP over the kept hidden units: gate and up from one matmul (`gate_up`, rows
+    [gate; up]) behind one gather, then down_proj."""
+
+    def __init__(self, act: str, gate_up: CompactLinear, down_proj: CompactLinear):
+        super().__init__()
+        self.gate_up, self.down_proj = gate_up, down_proj
+        self.units = down_proj.weight.shape[1]
+        self.act_name, self.act_fn = act, ACT2FN[act]
+
+    def spec(self) -> dict:
+        return {"act": self.act_name, "gate_up": self.gate_up.spec(), "down_proj": self.down_proj.spec()}
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.units, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)

@@ -4,8 +4,19 @@ columns of frozen Linear layers. The spec is ../shared/specs/finegates.md; secti
 Each targeted Linear computes  y = (W (x ⊙ g_c) + b) ⊙ g_r  (§1.2), with gate logits θ per row and column:
     μ = tanh θ,   train: g = clamp(μ + ε + 0.5, 0, 1), ε ~ N(0, noise_std²), one draw per forward per vector;
                   eval:  g = clamp(μ + 0.5, 0, 1)  (deterministic, possibly fractional)
-Regulariser (§2.2): λ · mean over gated layers of ½(|mean_i p_row,i − (1−s)| + |mean_j p_col,j − (1−s)|),
-p = Φ((μ + 0.5) / reg_std). `finegates_lora` (§5.6): y = g_r ⊙ ((W + (α/r) B A)(g_c ⊙ x) + b).
+`finegates_lora` (§5.6): y = g_r ⊙ ((W + (α/r) B A)(g_c ⊙ x) + b).
+
+The gate logits are flat: one (layers, width) tensor per targeted Linear and side, so the gates of a
+forward and the regulariser are a few vectorised ops for the whole model. Two regularisers (`reg`), with
+p = Φ((μ + 0.5)/reg_std) the smooth keep-probability of a gate:
+- `rank` (default): each layer closes the share f = 1 − √(1 − s_t) of its rows and of its columns, so that
+  1 − (1 − f)² = s_t of its weights go. Per layer and side, the ⌊f·n⌉ gates with the lowest logits are
+  pulled closed (λ · mean p over them); a closed gate outside that set is pulled back open (λ · mean (1 − p)).
+  The task gradient decides the ranking; the rest of the gates are left to the task.
+- `target` (the authors' code, §2.2): λ · mean over layers of ½(|mean p_rows − (1−s)| + |mean p_cols − (1−s)|).
+  Under Adam every gate of a layer gets the same step from it, so the gates drift down together and stop,
+  fractional, where the mean p meets 1 − s: on short runs no gate closes (README, "FineGates").
+s_t ramps from 0 to s over the first `sparsity_warmup` training forwards (cubic, as gradual pruning).
 
 The gates act through hooks on the model's own Linear modules, so the model keeps its class, names and
 state_dict; W is never touched (a bias trains only with train_bias=gated, and is never created).
@@ -21,12 +32,16 @@ from ..errors import ConfigError
 from .base import Method, MethodConfig, register
 from .peft_methods import parse_targets
 
+CLOSED = -math.atanh(0.5)  # θ at or below this closes a gate at eval (μ ≤ −0.5)
+
 
 @dataclass
 class FineGatesConfig(MethodConfig):
     target_modules: object = "auto"
     sparsity_weight: float = 50.0    # λ
-    target_sparsity: float = 0.4     # s: the penalty pulls the mean keep-probability to 1 - s
+    target_sparsity: float = 0.4     # s
+    reg: str = "rank"                # rank: s of the gated weights is reached; target: the authors' form
+    sparsity_warmup: int = 0         # training forwards over which the target ramps from 0 to s (0: at once)
     noise_std: float = 0.1           # σ of the training noise
     reg_std: float = 0.5             # σ inside the regulariser's Φ (the authors' code: 0.5, not noise_std)
     init_mean: float = 1.0           # θ ~ N(init_mean, init_std²): open gates
@@ -41,30 +56,94 @@ class FineGatesLoraConfig(FineGatesConfig):
     alpha: float = 4.0               # scale α/r = 1, as the authors' SparseLoRALayer (no scaling)
 
 
-class GateVector(nn.Module):
-    def __init__(self, n: int, mean: float, std: float, device):
+def gate_values(logits: torch.Tensor, noise_std: float = 0.0) -> torch.Tensor:
+    mu = torch.tanh(logits)
+    if noise_std > 0:  # one draw per gate (the tensor holds each vector once)
+        mu = mu + noise_std * torch.randn_like(mu)
+    return torch.clamp(mu + 0.5, 0.0, 1.0)
+
+
+def keep_prob(logits: torch.Tensor, reg_std: float) -> torch.Tensor:
+    """P(gate > 0) under N(0, reg_std²) noise: Φ((μ + 0.5) / reg_std)."""
+    return 0.5 - 0.5 * torch.erf((-0.5 - torch.tanh(logits)) / (reg_std * math.sqrt(2.0)))
+
+
+def layer_penalty(rows: torch.Tensor, cols: torch.Tensor, keep: float, reg_std: float) -> torch.Tensor:
+    """The authors' per-layer term ½(|mean p_rows − keep| + |mean p_cols − keep|) for logits of shape
+    (..., width): one value per leading index (§2.2)."""
+    return 0.5 * ((keep_prob(rows, reg_std).mean(-1) - keep).abs() + (keep_prob(cols, reg_std).mean(-1) - keep).abs())
+
+
+def rank_penalty(logits: torch.Tensor, closed_share: float, reg_std: float) -> torch.Tensor:
+    """Per leading index of (..., n) logits: mean p over the ⌊closed_share·n⌉ lowest gates (pulled closed),
+    plus mean (1 − p) over the closed gates outside them (pulled back open)."""
+    n = logits.shape[-1]
+    k = int(round(closed_share * n))
+    p = keep_prob(logits, reg_std)
+    theta = logits.detach()
+    chosen = torch.zeros_like(theta, dtype=torch.bool)
+    if k:
+        chosen.scatter_(-1, theta.argsort(dim=-1)[..., :k], True)
+    stray = ~chosen & (theta <= CLOSED)
+    return (p * chosen).sum(-1) / max(k, 1) + ((1 - p) * stray).sum(-1) / max(n - k, 1)
+
+
+def removed_per_layer(g_rows: torch.Tensor, g_cols: torch.Tensor) -> int:
+    """The authors' count: out·in − |open rows|·|open cols| (no cascades, no biases)."""
+    return g_rows.numel() * g_cols.numel() - int((g_rows > 0).sum()) * int((g_cols > 0).sum())
+
+
+def key(name: str) -> str:
+    return name.replace(".", "-")
+
+
+class GateView:
+    """`rows.logits` / `cols.logits` of one Linear: views into the flat tensors (writable under no_grad)."""
+
+    class _Side:
+        def __init__(self, logits):
+            self.logits = logits
+
+    def __init__(self, rows, cols):
+        self.rows, self.cols = self._Side(rows), self._Side(cols)
+
+
+class FlatGates(nn.Module):
+    """All gate logits: for each targeted path t, rows[t] of shape (layers, out) and cols[t] of (layers, in)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], layers: int, mean: float, std: float, device):
         super().__init__()
         # fp32 even on bf16 models: near θ = 1 bf16 rounds Adam steps below ~0.004 away (§5.16)
-        self.logits = nn.Parameter(torch.empty(n, dtype=torch.float32, device=device).normal_(mean, std))
+        def make(n):
+            return nn.Parameter(torch.empty(layers, n, dtype=torch.float32, device=device).normal_(mean, std))
+        self.rows = nn.ParameterDict({key(t): make(o) for t, (o, _) in shapes.items()})
+        self.cols = nn.ParameterDict({key(t): make(i) for t, (_, i) in shapes.items()})
 
-    def gates(self, noise_std: float = 0.0) -> torch.Tensor:
-        mu = torch.tanh(self.logits)
-        if self.training and noise_std > 0:
-            mu = mu + noise_std * torch.randn_like(mu)
-        return torch.clamp(mu + 0.5, 0.0, 1.0)
-
-    def keep_prob(self, reg_std: float) -> torch.Tensor:
-        """P(gate > 0) under N(0, reg_std²) noise: Φ((μ + 0.5) / reg_std)."""
-        mu = torch.tanh(self.logits)
-        return 0.5 - 0.5 * torch.erf((-0.5 - mu) / (reg_std * math.sqrt(2.0)))
+    def __getitem__(self, name: str) -> GateView:
+        """`"3-mlp-up_proj"` (layer-path with dashes) -> that Linear's gates."""
+        layer, _, t = name.partition("-")
+        return GateView(self.rows[t][int(layer)], self.cols[t][int(layer)])
 
 
-class GatePair(nn.Module):
-    def __init__(self, linear: nn.Linear, cfg: FineGatesConfig):
-        super().__init__()
-        dev = linear.weight.device
-        self.rows = GateVector(linear.out_features, cfg.init_mean, cfg.init_std, dev)
-        self.cols = GateVector(linear.in_features, cfg.init_mean, cfg.init_std, dev)
+def resolve_targets(spec, arch: archs.Arch) -> list[str]:
+    """Block-relative paths of the targets (`self_attn.q_proj`, `attention.output.dense`)."""
+    names = list(arch.finegates_targets) if spec == "auto" else parse_targets(spec)
+    out = []
+    for n in names:
+        role = arch.role_of(n)
+        if role is None:
+            options = ", ".join(arch.finegates_targets)
+            raise ConfigError(f"intervention.target_modules has {n!r}, which is not a gateable Linear of this "
+                              f"{arch.family}-family model: use auto or some of {options}")
+        out.append(arch.path(role))
+    return list(dict.fromkeys(out))
+
+
+def linear_weights(model: nn.Module) -> int:
+    """Weight elements of the model's Linears that are not an embedding (a tied LM head is the embedding
+    table): the weights that cost compute, the honest denominator of a removed share."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in emb)
 
 
 class LoraPair(nn.Module):
@@ -81,34 +160,6 @@ class LoraPair(nn.Module):
 
     def forward(self, x):
         return self.scale * ((x.float() @ self.A.T) @ self.B.T)
-
-
-def layer_penalty(pair: GatePair, keep: float, reg_std: float) -> torch.Tensor:
-    """½(|mean p_rows − keep| + |mean p_cols − keep|): a two-sided target ratio, not STG's λΣp (§2.2)."""
-    return 0.5 * ((pair.rows.keep_prob(reg_std).mean() - keep).abs() + (pair.cols.keep_prob(reg_std).mean() - keep).abs())
-
-
-def removed_per_layer(g_rows: torch.Tensor, g_cols: torch.Tensor) -> int:
-    """The authors' count: out·in − |open rows|·|open cols| (no cascades, no biases)."""
-    return g_rows.numel() * g_cols.numel() - int((g_rows > 0).sum()) * int((g_cols > 0).sum())
-
-
-def key(name: str) -> str:
-    return name.replace(".", "-")
-
-
-def resolve_targets(spec, arch: archs.Arch) -> list[str]:
-    """Block-relative paths of the targets (`self_attn.q_proj`, `attention.output.dense`)."""
-    names = list(arch.finegates_targets) if spec == "auto" else parse_targets(spec)
-    out = []
-    for n in names:
-        role = arch.role_of(n)
-        if role is None:
-            options = ", ".join(arch.finegates_targets)
-            raise ConfigError(f"intervention.target_modules has {n!r}, which is not a gateable Linear of this "
-                              f"{arch.family}-family model: use auto or some of {options}")
-        out.append(arch.path(role))
-    return list(dict.fromkeys(out))
 
 
 def _number(x) -> bool:
@@ -132,6 +183,12 @@ class FineGatesMethod(Method):
                 raise ConfigError(f"intervention.{name}={v} must be a non-negative number")
         if not (_number(c.reg_std) and c.reg_std > 0):
             raise ConfigError(f"intervention.reg_std={c.reg_std} must be a positive number")
+        if c.reg not in ("rank", "target"):
+            raise ConfigError(f"intervention.reg={c.reg!r} is unknown: use rank (s of the gated weights is "
+                              "reached) or target (the authors' mean keep-probability)")
+        if not (isinstance(c.sparsity_warmup, int) and not isinstance(c.sparsity_warmup, bool)
+                and c.sparsity_warmup >= 0):
+            raise ConfigError(f"intervention.sparsity_warmup={c.sparsity_warmup} must be a non-negative integer")
         if not _number(c.init_mean):
             raise ConfigError(f"intervention.init_mean={c.init_mean} must be a number")
         if c.head_lr is not None and not (_number(c.head_lr) and c.head_lr >= 0):
@@ -153,12 +210,22 @@ class FineGatesMethod(Method):
         super().__init__(config, model)
         self.arch = archs.for_model(model)
         self.__dict__["model_ref"] = model  # not a submodule: the base model stays out of state_dict
+        self.linear_weights = linear_weights(model)
         config.target_modules = resolve_targets(config.target_modules, self.arch)  # saved as the paths used
+        blocks = archs.blocks(model)
+        self.targets = list(config.target_modules)
         self.linears: dict[str, nn.Linear] = {}  # plain dict: the base weights stay out of state_dict
-        for i, block in enumerate(archs.blocks(model)):
-            for t in config.target_modules:
+        for i, block in enumerate(blocks):
+            for t in self.targets:
                 self.linears[f"{i}.{t}"] = archs.get(block, t)
-        self.gates = nn.ModuleDict({key(n): GatePair(m, config) for n, m in self.linears.items()})
+        first = {t: archs.get(blocks[0], t) for t in self.targets}
+        for n, m in self.linears.items():
+            t = n.split(".", 1)[1]
+            if m.weight.shape != first[t].weight.shape:
+                raise ConfigError(f"FineGates needs {t} to have one shape in every layer ({n} differs)")
+        self.gates = FlatGates({t: (m.out_features, m.in_features) for t, m in first.items()}, len(blocks),
+                               config.init_mean, config.init_std, first[self.targets[0]].weight.device)
+        self.register_buffer("forwards", torch.zeros((), dtype=torch.long))  # training forwards (the schedule)
         if self.lora:
             self.adapters = nn.ModuleDict({key(n): LoraPair(m, config.rank, config.alpha)
                                            for n, m in self.linears.items()})
@@ -166,7 +233,7 @@ class FineGatesMethod(Method):
         self.biases = nn.ParameterDict(biases if config.train_bias == "gated" else {})
         for p in self.biases.values():
             p.requires_grad_(True)
-        self._rows: dict[str, torch.Tensor] = {}
+        self._drawn = None
         self._handles = []
         self._merged = None
         self._attach()
@@ -174,28 +241,40 @@ class FineGatesMethod(Method):
 
     # ---- the gated forward -----------------------------------------------------------------
     def _attach(self):
+        # the backbone runs once per forward of any head: a new forward draws new gates (lazily, below)
+        self._handles.append(archs.backbone(self.model_ref).register_forward_pre_hook(self._reset))
         for n, m in self.linears.items():
-            self._handles.append(m.register_forward_pre_hook(self._pre(key(n))))
-            self._handles.append(m.register_forward_hook(self._post(key(n))))
+            layer, t = n.split(".", 1)
+            self._handles.append(m.register_forward_pre_hook(self._pre(int(layer), key(t))))
+            self._handles.append(m.register_forward_hook(self._post(int(layer), key(t), key(n))))
 
     def remove(self):
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _pre(self, k):
+    def _reset(self, module, args):
+        self._drawn = None
+
+    def draw(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """This forward's gates of every Linear: path key -> (rows (layers, out), cols (layers, in))."""
+        if self._drawn is None:
+            sigma = float(self.config.noise_std) if self.training else 0.0
+            self._drawn = {t: (gate_values(self.gates.rows[t], sigma), gate_values(self.gates.cols[t], sigma))
+                           for t in self.gates.rows}
+        return self._drawn
+
+    def _pre(self, layer, t):
         def hook(module, args):
-            pair, x = self.gates[k], args[0]
-            sigma = float(self.config.noise_std)
-            self._rows[k] = pair.rows.gates(sigma)  # drawn with the column gates: one draw per forward
-            return (x * pair.cols.gates(sigma).to(x.dtype),) + tuple(args[1:])
+            x = args[0]
+            return (x * self.draw()[t][1][layer].to(x.dtype),) + tuple(args[1:])
         return hook
 
-    def _post(self, k):
+    def _post(self, layer, t, k):
         def hook(module, args, out):
             if self.lora:  # args[0] is the already column-gated input: both paths share the draw
                 out = out + self.adapters[k](args[0]).to(out.dtype)
-            return out * self._rows.pop(k).to(out.dtype)
+            return out * self.draw()[t][0][layer].to(out.dtype)
         return hook
 
     # ---- the interface ---------------------------------------------------------------------
@@ -228,12 +307,26 @@ class FineGatesMethod(Method):
         counts["added"] = self.added_parameters()
         return counts
 
+    def target_now(self) -> float:
+        """s at this point of training: a cubic ramp from 0 over `sparsity_warmup` training forwards."""
+        s, n = float(self.config.target_sparsity), int(self.config.sparsity_warmup)
+        if n <= 0:
+            return s
+        return s * (1.0 - (1.0 - min(int(self.forwards), n) / n) ** 3)
+
     def regulariser(self) -> torch.Tensor:
-        """Mean over gated layers of the layer penalty (plain mean, not weighted by layer size)."""
-        keep, sigma = 1.0 - float(self.config.target_sparsity), float(self.config.reg_std)
-        return torch.stack([layer_penalty(p, keep, sigma) for p in self.gates.values()]).mean()
+        """Mean over gated layers (plain mean, not weighted by layer size) of the layer's penalty."""
+        s, sigma = self.target_now(), float(self.config.reg_std)
+        if self.config.reg == "target":
+            return torch.cat([layer_penalty(r, self.gates.cols[t], 1.0 - s, sigma)
+                              for t, r in self.gates.rows.items()]).mean()
+        f = 1.0 - math.sqrt(1.0 - s)  # per side: (1 - f)² of the weights stay
+        return torch.cat([0.5 * (rank_penalty(r, f, sigma) + rank_penalty(self.gates.cols[t], f, sigma))
+                          for t, r in self.gates.rows.items()]).mean()
 
     def loss_term(self):
+        if self.training:
+            self.forwards += 1
         if not self.config.sparsity_weight:
             return None
         return float(self.config.sparsity_weight) * self.regulariser()
@@ -241,10 +334,12 @@ class FineGatesMethod(Method):
     @torch.no_grad()
     def eval_gates(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Target name -> (row gates, column gates), deterministic (noise-free) whatever the mode."""
+        rows = {t: gate_values(p) for t, p in self.gates.rows.items()}
+        cols = {t: gate_values(p) for t, p in self.gates.cols.items()}
         out = {}
         for n in self.linears:
-            pair = self.gates[key(n)]
-            out[n] = (pair.rows.gates(0.0).detach().clone(), pair.cols.gates(0.0).detach().clone())
+            layer, t = n.split(".", 1)
+            out[n] = (rows[key(t)][int(layer)].clone(), cols[key(t)][int(layer)].clone())
         return out
 
     @torch.no_grad()
@@ -256,16 +351,22 @@ class FineGatesMethod(Method):
             w = w + self.adapters[key(name)].delta()
         return w, (m.bias.float() if m.bias is not None else None)
 
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
+
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the eval gates (and LoRA) into W and b in place, zeros kept; the hooks go. unmerge() undoes it."""
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the eval gates (and LoRA) into W and b in place, zeros kept; the hooks go. unmerge() undoes it
+        (keep_original=False keeps no copy: the compressor then shrinks the folded weights as they are)."""
         if self._merged is not None:
             return
         self._merged = {}
         for n, (gr, gc) in self.eval_gates().items():
             m = self.linears[n]
             w, b = self.effective(n)
-            self._merged[n] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+            if keep_original:
+                self._merged[n] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
             m.weight.copy_((gr[:, None] * w * gc[None, :]).to(m.weight.dtype))
             if b is not None:
                 m.bias.copy_((gr * b).to(m.bias.dtype))
@@ -275,6 +376,8 @@ class FineGatesMethod(Method):
     def unmerge(self) -> None:
         if self._merged is None:
             return
+        if len(self._merged) < len(self.linears):
+            raise RuntimeError("merge(keep_original=False) kept no copy of the weights: nothing to unmerge")
         for n, (w, b) in self._merged.items():
             self.linears[n].weight.copy_(w)
             if b is not None:
@@ -292,16 +395,25 @@ class FineGatesMethod(Method):
         fractional = sum(int(((g > 0) & (g < 1)).sum()) for pair in gates.values() for g in pair)
         gated = sum(gr.numel() * gc.numel() for gr, gc in gates.values())
         removed = sum(removed_per_layer(gr, gc) for gr, gc in gates.values())
+        by_type = {}
+        for t in self.targets:
+            pairs = [gates[n] for n in gates if n.split(".", 1)[1] == t]
+            size = sum(gr.numel() * gc.numel() for gr, gc in pairs)
+            by_type[t] = sum(removed_per_layer(*p) for p in pairs) / size
         reg = float(self.regulariser())
         out = {
             "regulariser": reg, "regulariser_weighted": float(self.config.sparsity_weight) * reg,
+            "reg": self.config.reg,
             "closed_rows": rows, "rows": n_rows, "closed_cols": cols, "cols": n_cols,
             "closed_gate_share": (rows + cols) / (n_rows + n_cols),
             "fractional_gates": fractional,
-            "gated_weights": gated, "removed_per_layer": removed,
-            "sparsity_gated": removed / gated, "sparsity_model": removed / self.base_params,
+            "gated_weights": gated, "linear_weights": self.linear_weights, "model_params": self.base_params,
+            "removed_per_layer": removed,
+            "sparsity_gated": removed / gated, "sparsity_linear": removed / self.linear_weights,
+            "sparsity_model": removed / self.base_params,
+            "sparsity_by_type": by_type,
         }
-        try:  # the cascade-aware count follows the compressor's fusion rules (§3.2)
+        try:  # what the compressor removes physically (§3.2, with its fusion and layout rules)
             from ..compress.plan import plan_counts
             out.update(plan_counts(self))
         except ConfigError:

@@ -227,6 +227,8 @@ def page(found: dict[str, list[dict]], records: list[dict], source: str) -> str:
         if plot:
             plotly_inlined = True
             parts.append("<h3>Figure 1: parameters against score</h3>" + plot)
+    from .sparsity import section as sparsity_section  # FineGates' score and speed against share removed
+    parts.append(sparsity_section(records))
     parts.append(runs_section(records))
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
