@@ -103,6 +103,9 @@ def markdown(table: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['task']} | {r['target']:.1f} | {r['n']} | {_num(r['score'])}{spread} | "
                      f"{_num(r['selection'])} | {_pct(r['removed_gated'])} | {_pct(r['removed_linear'])} | "
                      f"{_pct(r['removed_model'])} | {speed} |")
+    # These rows are not the comparison tables of tables.py: say what the spread is and what it cannot show.
+    lines += ["", "Test score: mean ± sample standard deviation over seeds. It is not a confidence interval,",
+              "and no paired test was run. Differences of a few points between rows are within seed noise."]
     return "\n".join(lines) + "\n"
 
 
