@@ -39,8 +39,10 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is None:
-            log.warning("%s received: stopping after the next optimiser step, with a checkpoint (send it again "
-                        "to stop now, without one)", signal.Signals(signum).name)
+            # os.write, not logging: the signal may land inside a logging call, and a log handler's
+            # buffered stream raises "reentrant call" when written to from within its own write.
+            os.write(2, (f"reftbench: {signal.Signals(signum).name} received: stopping after the next optimiser "
+                         "step, with a checkpoint (send it again to stop now, without one)\n").encode())
             self.signum = signum
             return
         # a second signal: the default action now (a run still loading or evaluating is not kept waiting)
