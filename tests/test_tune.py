@@ -297,3 +297,18 @@ def test_glue_tuning_fixes_the_validation_halves_to_the_tuning_seed(tmp_path):
     assert tuning.overrides == over + ["task.split_seed=5"]
     with pytest.raises(ConfigError, match="task.split_seed='x'"):
         task("sst2", split_seed="x")
+
+
+def test_jobs_tune_methods_in_parallel_processes_with_the_same_results(tmp_path):
+    """--jobs 2: each method in its own process, sharing study.db; the same choices and scores as one process."""
+    def tuned(out, jobs):
+        tune.main(["--methods", "loreft,lora", "--trials", "2", "--seeds", "1", "--jobs", str(jobs), "--out", str(out),
+                   "--", *TINY, f"cache_dir={tmp_path / 'cache'}"])
+        summary = json.loads((out / "tune.json").read_text())
+        return {m: ([(t["params"], t["dev_score"]) for t in e["trials"]], e["chosen"], e["final"]["1"]["test_score"])
+                for m, e in summary["methods"].items()}
+
+    parallel = tuned(tmp_path / "parallel", 2)
+    assert set(parallel) == {"loreft", "lora"}
+    assert parallel == tuned(tmp_path / "serial", 1)
+    assert sorted(p.name for p in (tmp_path / "parallel" / "final").iterdir()) == ["lora", "loreft"]

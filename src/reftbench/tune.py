@@ -13,6 +13,9 @@ budget. The best trial's options are then trained on each of --seeds and scored 
     <out>/final/<method>/seed<s>/result.json the chosen options on seed s (test score); config.tuned says how
     <out>/tune.json                          budget, every trial's options and dev score, the choice per method
 
+--jobs N tunes N methods at once, each in its own process (one method's trials, then its final runs);
+they share study.db, one study per method.
+
 hydra-optuna-sweeper is not used: its last release (1.3.0) requires optuna<3.
 """
 import argparse
@@ -45,6 +48,8 @@ def parse(argv):
     p.add_argument("--tune-seed", default=None, help="the trials' run seed and the sampler's (default: the first of --seeds)")
     p.add_argument("--random-trials", default=None,
                    help="trials sampled at random before TPE models the rest (default: half of --trials)")
+    p.add_argument("--jobs", default="1", help="methods tuned at once, each in its own process (joblib); "
+                   "set OMP_NUM_THREADS so that jobs x threads fits the cores")
     p.add_argument("--out", required=True, help="the tuning folder (study.db, trials/, final/, tune.json)")
     p.add_argument("overrides", nargs="*", help="reftbench overrides for every run (model=..., task=..., trainer.max_steps=...)")
     return p.parse_args(argv)
@@ -95,6 +100,8 @@ def search_space(cfg, method: str) -> dict:
         raise ConfigError(f"intervention={method} has no search block (add `search:` to conf/intervention/{method}.yaml)")
     space = {}
     for key, spec in OmegaConf.to_container(block, resolve=True).items():
+        if spec is None:  # `intervention.search.<key>=null` on the command line: not searched
+            continue
         if key in cfg.trainer:
             path = f"trainer.{key}"
         elif key in cfg.intervention and key not in ("name", "search"):
@@ -153,7 +160,9 @@ class Tuning:
         self.tune_seed = _ints(args.tune_seed, "--tune-seed", 0)[0] if args.tune_seed is not None else self.seeds[0]
         self.random_trials = (_ints(args.random_trials, "--random-trials", 0)[0] if args.random_trials is not None
                               else max(1, self.trials // 2))
+        self.jobs = _ints(args.jobs, "--jobs", 1)[0]
         self.out = Path(args.out)
+        self.writes = True  # False in a --jobs worker: the parent writes tune.json
         self.overrides = quote_semicolons(list(overrides))
         check_overrides(self.overrides, set())
         self.spaces, self.base = {}, {}
@@ -180,8 +189,10 @@ class Tuning:
         import optuna
         self.out.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(storage=f"sqlite:///{self.out / 'study.db'}", study_name=method,
-                                    direction="maximize", load_if_exists=True)
+        # --jobs workers share the file: a writer waits for the lock instead of failing after 5 s
+        storage = optuna.storages.RDBStorage(f"sqlite:///{self.out / 'study.db'}",
+                                             engine_kwargs={"connect_args": {"timeout": 600}})
+        study = optuna.create_study(storage=storage, study_name=method, direction="maximize", load_if_exists=True)
         settings = {"overrides": self.overrides, "tune_seed": self.tune_seed, "random_trials": self.random_trials,
                     "space": {k: repr(d) for k, d in self.spaces[method].items()}}
         stored = study.user_attrs.get("settings")
@@ -276,12 +287,29 @@ class Tuning:
 
     def write(self) -> None:
         from .record import write_json_atomic
-        write_json_atomic(self.out / "tune.json", self.summary)
+        if self.writes:
+            write_json_atomic(self.out / "tune.json", self.summary)
+
+    def one_method(self, method: str) -> dict:
+        """A --jobs worker: one method's trials, then its final runs; the parent merges the entries."""
+        _logging()
+        self.writes = False
+        self.final(method, self.tune(method))
+        return self.summary["methods"][method]
 
     def __call__(self) -> dict:
-        studies = {m: self.tune(m) for m in self.methods}  # every method's trials first, then the test runs
-        for m in self.methods:
-            self.final(m, studies[m])
+        jobs = min(self.jobs, len(self.methods))
+        if jobs == 1:
+            studies = {m: self.tune(m) for m in self.methods}  # every method's trials first, then the test runs
+            for m in self.methods:
+                self.final(m, studies[m])
+            return self.summary
+        from joblib import Parallel, delayed
+        for m in self.methods:  # the studies (and SQLite's tables) exist before the workers open the file
+            self.study(m)
+        entries = Parallel(n_jobs=jobs, backend="loky")(delayed(self.one_method)(m) for m in self.methods)
+        self.summary["methods"] = dict(zip(self.methods, entries))
+        self.write()
         return self.summary
 
 
@@ -293,12 +321,16 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k} was {old.get(k)!r}" for k in new if old.get(k) != new[k])
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(sys.argv[1:] if argv is None else argv)
+def _logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    _logging()
     try:
         summary = Tuning(args, args.overrides)()
     except ReftbenchError as e:
