@@ -93,6 +93,17 @@ def test_dev_size_errors_on_glue_too_large_and_eval_split_without_dev():
 
 # --- search blocks -----------------------------------------------------------------------------------
 
+def test_a_search_key_set_to_null_is_not_searched():
+    """`++intervention.search.dropout=null` narrows every method's space to its other keys (a method
+    whose block lacks the key is unchanged)."""
+    narrow = ["++intervention.search.dropout=null", "++intervention.search.alpha=null"]
+    lora = tune.compose(narrow + ["intervention=lora"])
+    assert sorted(tune.search_space(lora, "lora")) == ["intervention.rank", "trainer.lr"]
+    assert len(tune.search_space(tune.compose(["intervention=lora"]), "lora")) == 4
+    red = tune.compose(narrow + ["intervention=red"])
+    assert sorted(tune.search_space(red, "red")) == ["trainer.lr", "trainer.weight_decay"]
+
+
 def test_every_search_block_composes_at_its_bounds():
     from conftest import tiny_bert, tiny_llama
     from reftbench.train import check_trainer

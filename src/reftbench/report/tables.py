@@ -310,7 +310,7 @@ def rows(cells: list[Cell], reference: str | None = None) -> list[dict]:
         gpu = [m["cuda_peak_allocated_gib"] for r in runs
                if (m := r.get("memory") or {}).get("cuda_peak_allocated_gib") is not None]
         papers = [x.paper for x in c.parts if x.paper] if c.average else ([c.paper] if c.paper else [])
-        sparsity, speedup = _compression(runs)
+        sparsity_linear, sparsity, speedup = _compression(runs)
         pct = params.get("percent", papers[0].params_percent if papers else None)
         protocols = {((r.get("config") or {}).get("task") or {}).get("protocol") or "reft" for r in runs}
         out.append({
@@ -332,25 +332,29 @@ def rows(cells: list[Cell], reference: str | None = None) -> list[dict]:
             # how prompts, loss and answers were made (task.protocol): reft, or llm_adapters (the
             # protocol of the paper's quoted LoRA/DoRA numbers); None for a row that was not run
             "protocol": "+".join(sorted(protocols)) if protocols else None,
-            "sparsity": sparsity, "speedup": speedup,
+            "sparsity_linear": sparsity_linear, "sparsity": sparsity, "speedup": speedup,
         })
     return out
 
 
-def _compression(runs: list[dict]) -> tuple[float | None, float | None]:
-    """Methods that remove weights (FineGates): the share of the model's parameters removed (the compressed
-    checkpoint's, else the measured gates' cascade-aware count; never the target) and the inference speed-up
-    dense/compressed, each a mean over seeds; None for other methods."""
-    shares, speedups = [], []
+def _compression(runs: list[dict]) -> tuple[float | None, float | None, float | None]:
+    """Methods that remove weights (FineGates): the share of the non-embedding Linear weights removed (the
+    ones that cost compute), the share of the model's parameters removed (the compressed checkpoint's, else
+    the measured gates' cascade-aware count; never the target) and the inference speed-up dense/compressed,
+    each a mean over seeds; None for other methods."""
+    linear, shares, speedups = [], [], []
     for r in runs:
         c, m = r.get("compressed") or {}, r.get("method_report") or {}
+        if m.get("sparsity_cascade_linear") is not None:
+            linear.append(100 * m["sparsity_cascade_linear"])
         if c.get("params_dense"):
             shares.append(100 * c["params_removed_total"] / c["params_dense"])
         elif m.get("sparsity_cascade_model") is not None:
             shares.append(100 * m["sparsity_cascade_model"])
         if (c.get("timing") or {}).get("speedup"):
             speedups.append(c["timing"]["speedup"])
-    return (statistics.mean(shares) if shares else None), (statistics.mean(speedups) if speedups else None)
+    mean = lambda xs: statistics.mean(xs) if xs else None  # noqa: E731
+    return mean(linear), mean(shares), mean(speedups)
 
 
 
@@ -391,7 +395,8 @@ def _text(r: dict, has_paper: bool, has_frozen: bool = True, has_protocol: bool 
         "% params": f"{r['params_percent']:.4f}%" if r["params_percent"] is not None else GAP,
     })
     if has_sparsity:
-        text["removed"] = f"{r['sparsity']:.1f}%" if r.get("sparsity") is not None else GAP
+        text["removed (Linear)"] = f"{r['sparsity_linear']:.1f}%" if r.get("sparsity_linear") is not None else GAP
+        text["removed (model)"] = f"{r['sparsity']:.1f}%" if r.get("sparsity") is not None else GAP
         text["speed-up"] = f"{r['speedup']:.2f}×" if r.get("speedup") is not None else GAP
     text.update({
         "train time": duration(r["train_seconds"]) if r["train_seconds"] is not None else GAP,
@@ -418,7 +423,7 @@ def _texts(table_rows: list[dict]) -> list[dict[str, str]]:
     has_paper = any(r["paper"] is not None for r in table_rows)
     has_frozen = any(r["frozen"] is not None for r in table_rows)
     has_protocol = any(r.get("protocol") not in (None, "reft") for r in table_rows)  # else all ReFT's
-    has_sparsity = any(r.get("sparsity") is not None for r in table_rows)  # only methods that remove weights
+    has_sparsity = any(r.get("sparsity") is not None or r.get("sparsity_linear") is not None for r in table_rows)  # only methods that remove weights
     header = test_header(table_rows)
     return [_text(r, has_paper, has_frozen, has_protocol, has_sparsity, header) for r in table_rows]
 
@@ -471,7 +476,7 @@ def markdown(table_rows: list[dict]) -> str:
 
 
 CSV_COLUMNS = ["model", "method", "task", "mean", "std", "n", "paper", "diff", "frozen", "trainable",
-               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol", "sparsity", "speedup",
+               "params_percent", "train_seconds", "peak_rss_gib", "peak_gpu_gib", "protocol", "sparsity_linear", "sparsity", "speedup",
                "ci95", "reference", "delta", "delta_low", "delta_high", "p"]
 
 
