@@ -282,3 +282,16 @@ def test_a_classification_run_records_predictions_and_labels(tmp_path):
     assert glue_metrics("sst2", [int(p) for p in preds], [int(x) for x in labels])["accuracy"] == m["accuracy"]
     assert pe["correct"] == "".join(str(int(p == x)) for p, x in zip(preds, labels))
     assert not math.isnan(m["score"])
+
+
+def test_runs_scored_on_the_dev_split_stay_out_of_the_table(tmp_path, capsys):
+    """A tuning folder holds trials scored on dev beside the final runs: only test scores are tabled."""
+    _three_methods(tmp_path)
+    trial = _record("loreft", 42, _correct(100, 0.1, 7))
+    trial["data"] = {"eval_split": "dev", "dev_size": 100}
+    trial["config"]["trainer"]["lr"] = 5e-2  # other options: it would be a row of its own
+    _write(tmp_path, "trials/loreft/0", trial)
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    _, rows = _table(out.out)
+    assert set(rows) == {"loreft", "lora", "red"} and "left out 1 run(s) scored on the dev split" in out.err

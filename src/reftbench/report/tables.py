@@ -55,12 +55,21 @@ def load_paper(path=PAPER_FILE) -> list[PaperCell]:
 
 
 def load_records(root: Path) -> list[dict]:
-    records = []
+    """The test-split runs under root. Runs scored on the dev split (eval_split=dev: reftbench-tune's
+    trials) are left out, so a tuning folder's table holds only its final runs' test scores."""
+    records, dev = [], 0
     for path in sorted(root.rglob("result.json")):
         try:
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             print(f"reftbench-report: skipping {path}: {e}", file=sys.stderr)
+            continue
+        if (record.get("data") or {}).get("eval_split") == "dev":
+            dev += 1
+        else:
+            records.append(record)
+    if dev:
+        print(f"reftbench-report: left out {dev} run(s) scored on the dev split (tuning trials)", file=sys.stderr)
     return records
 
 
