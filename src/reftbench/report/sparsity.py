@@ -23,7 +23,7 @@ from html import escape
 from pathlib import Path
 
 from ..atomic import atomic_path
-from .tables import one_decimal, score
+from .tables import mean_or_none as _mean, one_decimal, score
 
 FINEGATES = ("finegates", "finegates_lora")
 COLUMNS = ["model", "task", "target", "n", "score", "score_std", "selection", "removed_gated", "removed_linear",
@@ -45,11 +45,6 @@ def load(root: Path) -> list[dict]:
             rec["bench"] = json.loads(bench.read_text())
         out.append(rec)
     return out
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.mean(xs) if xs else None
 
 
 def _std(xs):

@@ -362,10 +362,13 @@ def _compression(runs: list[dict]) -> tuple[float | None, float | None, float | 
             shares.append(100 * m["sparsity_cascade_model"])
         if (c.get("timing") or {}).get("speedup"):
             speedups.append(c["timing"]["speedup"])
-    mean = lambda xs: statistics.mean(xs) if xs else None  # noqa: E731
-    return mean(linear), mean(shares), mean(speedups)
+    return mean_or_none(linear), mean_or_none(shares), mean_or_none(speedups)
 
 
+def mean_or_none(xs) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
 
 
 def duration(seconds: float) -> str:
