@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import architectures as archs
+from . import architectures as archs, glu
 from .errors import ConfigError, ReftbenchError
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,7 @@ def load(cfg, kind: str = "decoder", num_labels: int | None = None, seed: int = 
         raise ConfigError(f"model={cfg.name} is {_a(found)}, but this task needs {_a(kind)} "
                           f"({'e.g. model=minilm-l6 or roberta-base' if kind == 'encoder' else 'e.g. model=smollm2-135m'})")
     set_padding(model, tok, kind)
+    glu.lean_mlps(model)  # same numbers, one [tokens, ffn] tensor less per layer saved for backward
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
