@@ -447,3 +447,67 @@ def test_bench_random_gates_mode_removes_the_asked_share_and_matches_the_gated_m
     assert out["one_ratio"] > 0 and out["batched_ratio"] > 0 and out["bound_linear_flops_and_bytes"] > 1.2
     printed = capsys.readouterr().out
     assert "greedy decoding, batch 1" in printed and "batched forward" in printed
+
+
+def _close_two_pairs(m):
+    for g in (0, 1):  # rotary pairs (0, 8) and (1, 9) of both kv heads
+        m.gates["0-self_attn-k_proj"].rows.logits[[16 * g, 16 * g + 1, 16 * g + 8, 16 * g + 9]] = -5
+
+
+def test_narrow_values_are_padded_to_the_qk_width_and_trimmed_before_o_proj(monkeypatch):
+    """Real-sized layout rules on the tiny model: one stored width for q, k and v (SDPA's fused kernel)."""
+    monkeypatch.setattr(plan_mod, "ALIGN_FROM", 0)
+    model = tiny_llama().model  # 4 query heads, 2 kv heads, head_dim 16
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        _close_two_pairs(m)  # q/k keep 12 of 16 dims
+        for g in (0, 1):  # value dims 8-15 of both kv heads closed: m_v = 8
+            m.gates["0-self_attn-v_proj"].rows.logits[16 * g + 8:16 * g + 16] = -5
+    p = _one_block_plan(model, m)
+    assert (p.m_qk, p.m_v, p.v_pad) == (12, 8, 4)
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    rep = m.report()
+    info = compress.shrink(m)
+    att = model.model.layers[0].self_attn
+    assert att.v_pad == 4 and att.sizes == (48, 24, 24) and att.o_proj.weight.shape == (64, 4 * 8)
+    assert att.qkv.weight.shape[0] % plan_mod.ROW_ALIGN == 0
+    assert (forward(model, x, mask)[0] - ref)[mask.bool()].abs().max() < TOL
+    # the padding is stored, and counted as stored
+    assert info["params_dense"] - info["params_compressed"] == info["removed_cascade"] == rep["removed_cascade"]
+
+
+def test_narrow_values_survive_save_and_load(monkeypatch, tmp_path):
+    monkeypatch.setattr(plan_mod, "ALIGN_FROM", 0)
+    loaded = tiny_llama()
+    model = loaded.model
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        _close_two_pairs(m)
+        m.gates["0-self_attn-v_proj"].rows.logits[4:16] = -5
+        m.gates["0-self_attn-v_proj"].rows.logits[16 + 4:32] = -5
+    x, mask = inputs()
+    ref, _ = forward(model, x, mask)
+    out = compress.save(model, loaded.tokenizer, tmp_path / "c", compress.shrink(m))
+    assert json.loads((out / "compress.json").read_text())["layers"][0]["modules"]["self_attn"]["v_pad"] == 8
+    again = compress.load(out)
+    assert again.model.layers[0].self_attn.v_pad == 8
+    assert (forward(again, x, mask)[0] - ref)[mask.bool()].abs().max() < TOL
+
+
+def test_near_full_heads_keep_the_dense_width_and_compute_the_dense_attention_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(plan_mod, "ALIGN_FROM", 0)
+    model = tiny_llama().model
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():
+        m.gates["0-self_attn-k_proj"].rows.logits[[5, 13, 16 + 5, 16 + 13]] = -5  # pair 5 dead in both kv heads
+        m.gates["0-self_attn-v_proj"].rows.logits[[3, 16 + 3]] = -5                # value dim 3 dead in both
+    p = _one_block_plan(model, m)
+    assert (p.m_qk, p.m_v, p.v_pad) == (16, 16, 0)  # 14 and 15 of 16 kept: more than 7/8, the whole head stays
+    x = inputs()[0]
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        compress.shrink(m)
+        out = model(input_ids=x).logits
+    assert model.model.layers[0].self_attn.rope == "full"
+    assert torch.equal(out, ref)

@@ -15,9 +15,9 @@ from .. import architectures as archs
 from ..errors import ConfigError
 from ..models import count_params
 from .modules import CompactAttention, CompactLinear, CompactMLP
-from .plan import ALIGN_FROM, ROW_ALIGN, LayerPlan, plan_counts, plans
+from .plan import LayerPlan, plan_counts, plans
 
-FORMAT = "reftbench-finegates-compressed/2"
+FORMAT = "reftbench-finegates-compressed/3"  # /3: v_pad (zero value rows trimmed after attention)
 FINEGATES = ("finegates", "finegates_lora")
 
 
@@ -79,10 +79,16 @@ def _layer(method, gates: dict, block, layer: int, plan: LayerPlan, dtype) -> di
         return w, b, plan.rows_cols(role, *shape[role])[0]
     d = shape["q"][1]
     parts = [part("q"), part("k"), part("v")]
-    n_rows = sum(len(r) for _, _, r in parts)
-    if n_rows >= ALIGN_FROM and n_rows % ROW_ALIGN:  # zero rows up to an aligned GEMM; attention ignores them
-        pad = ROW_ALIGN - n_rows % ROW_ALIGN
-        parts.append((torch.zeros(pad, d), None, list(range(pad))))
+    if plan.v_pad:  # each kv head's value rows, then v_pad zero rows (sliced off the attention's output)
+        w, b, rows = parts[2]
+        kv = len(plan.kv_heads)
+        idx = torch.tensor(rows)
+        wv = torch.cat([w.index_select(0, idx).view(kv, plan.m_v, d), torch.zeros(kv, plan.v_pad, d)], 1)
+        bv = None if b is None else torch.cat([b.index_select(0, idx).view(kv, plan.m_v),
+                                               torch.zeros(kv, plan.v_pad)], 1).view(-1)
+        parts[2] = (wv.view(-1, d), bv, list(range(kv * (plan.m_v + plan.v_pad))))
+    if plan.qkv_pad():  # zero rows up to an aligned GEMM; attention ignores them
+        parts.append((torch.zeros(plan.qkv_pad(), d), None, list(range(plan.qkv_pad()))))
     qkv = _compact(parts, plan.att_cols, None, d, None, dtype)
     w, b = folded["o"]
     o = _compact([(w.index_select(1, torch.tensor(plan.o_cols())), b,
@@ -94,7 +100,7 @@ def _layer(method, gates: dict, block, layer: int, plan: LayerPlan, dtype) -> di
                     None, plan.down_rows, len(plan.ffn), shape["ffn_down"][0], dtype)
     decoder = arch.family != "bert"
     att = CompactAttention(model.config, layer, len(plan.heads), len(plan.kv_heads), plan.m_qk, plan.m_v,
-                           plan.head_dim ** -0.5, _rope_mode(plan), qkv, o if decoder else None, decoder)
+                           plan.head_dim ** -0.5, _rope_mode(plan), qkv, o if decoder else None, decoder, plan.v_pad)
     if att.rope_index is not None:
         att.rope_index.copy_(torch.tensor(plan.qk[0] if att.rope == "shared" else plan.qk))
     out = {arch.attention: att}
@@ -119,7 +125,8 @@ def _from_specs(config, layer: int, specs: dict, dtype, decoder: bool) -> dict:
     for path, s in specs.items():
         if s["type"] == "CompactAttention":
             out[path] = CompactAttention(config, layer, s["heads"], s["kv_heads"], s["m_qk"], s["m_v"], s["scaling"],
-                                         s["rope"], lin(s["qkv"]), lin(s["o_proj"]) if decoder else None, decoder)
+                                         s["rope"], lin(s["qkv"]), lin(s["o_proj"]) if decoder else None, decoder,
+                                         s.get("v_pad", 0))
         elif s["type"] == "CompactMLP":
             out[path] = CompactMLP(s["act"], lin(s["gate_up"]), lin(s["down_proj"]))
         else:

@@ -50,8 +50,9 @@ def rotate_half(x):
 
 
 class CompactAttention(nn.Module):
-    """Self-attention over the kept heads: q/k heads of width m_qk, v heads of width m_v, q, k and v from
-    one matmul (`qkv`).
+    """Self-attention over the kept heads: q/k heads of width m_qk, v heads of width m_v (stored with v_pad
+    zero rows after each head's dims, sliced off the output: equal widths keep SDPA on its fused kernel),
+    q, k and v from one matmul (`qkv`).
 
     decoder=True replaces LLaMA's `self_attn` (RoPE on the kept rotary pairs, a KV cache, o_proj inside);
     decoder=False replaces BERT's `attention.self` (its output dense stays outside).
@@ -60,14 +61,14 @@ class CompactAttention(nn.Module):
     """
 
     def __init__(self, config, layer_idx: int, heads: int, kv_heads: int, m_qk: int, m_v: int, scaling: float,
-                 rope: str | None, qkv: CompactLinear, o_proj: CompactLinear | None, decoder: bool):
+                 rope: str | None, qkv: CompactLinear, o_proj: CompactLinear | None, decoder: bool, v_pad: int = 0):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
-        self.heads, self.kv_heads, self.m_qk, self.m_v = heads, kv_heads, m_qk, m_v
+        self.heads, self.kv_heads, self.m_qk, self.m_v, self.v_pad = heads, kv_heads, m_qk, m_v, v_pad
         self.num_key_value_groups = heads // kv_heads
         self.scaling, self.is_causal, self.decoder = scaling, decoder, decoder
         self.attention_dropout = 0.0
-        self.sizes = (heads * m_qk, kv_heads * m_qk, kv_heads * m_v)
+        self.sizes = (heads * m_qk, kv_heads * m_qk, kv_heads * (m_v + v_pad))
         extra = qkv.weight.shape[0] - sum(self.sizes)  # zero rows that align the fused GEMM
         self.split = self.sizes + ((extra,) if extra else ())
         self.qkv, self.rope = qkv, rope
@@ -78,7 +79,7 @@ class CompactAttention(nn.Module):
         self.attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
     def spec(self) -> dict:
-        return {"heads": self.heads, "kv_heads": self.kv_heads, "m_qk": self.m_qk, "m_v": self.m_v,
+        return {"heads": self.heads, "kv_heads": self.kv_heads, "m_qk": self.m_qk, "m_v": self.m_v, "v_pad": self.v_pad,
                 "scaling": self.scaling, "rope": self.rope, "qkv": self.qkv.spec(),
                 "o_proj": self.o_proj.spec() if self.decoder else None}
 
@@ -107,12 +108,14 @@ class CompactAttention(nn.Module):
         q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)[:3]
         q = q.view(b, t, self.heads, self.m_qk).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.m_qk).transpose(1, 2)
-        v = v.view(b, t, self.kv_heads, self.m_v).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.m_v + self.v_pad).transpose(1, 2)
         if self.rope is not None:
             q, k = self._rope(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         out, weights = self.attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        if self.v_pad:  # (b, t, heads, m_v + v_pad): the zero padding goes
+            out = out[..., :self.m_v]
         out = out.reshape(b, t, -1).contiguous()
         if self.decoder:
             out = self.o_proj(out)

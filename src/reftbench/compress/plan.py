@@ -19,8 +19,11 @@ Per block, with g_r / g_c the eval gates (all ones for a Linear that is not gate
   the dead columns or rows are stored as zeros.
 - Layout for speed (exact, it only keeps dead units or rows as padding): the kept MLP units and the
   scattered rows are topped up to a multiple of ROW_ALIGN (CPU GEMMs run up to 1.4x slower on row counts
-  that are not), and the value width is padded to the q/k width when they differ by at most an eighth
-  (equal widths let scaled_dot_product_attention take its fused path).
+  that are not). q, k and v get one stored width (unequal widths send scaled_dot_product_attention from
+  its fused kernel to another path that rounds differently): where the wider of q/k and v keeps more than
+  7/8 of the head, both keep the whole head (dead dims as exact padding: the attention is then the dense
+  model's, bit for bit); else q/k are topped up with dead pairs where v is wider, and v with zero rows
+  where it is narrower (sliced off the attention's output before o_proj, which reads only the live dims).
 """
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ from .. import architectures as archs
 from ..errors import ConfigError
 
 MIN_DEAD = 0.05
+NEAR_FULL = 8  # q/k or v keeping more than all but 1/NEAR_FULL of the head width keep all of it
 ROW_ALIGN = 16
 ALIGN_FROM = 256  # widths below this (test-sized models) are not padded: their GEMMs cost little either way
 
@@ -47,6 +51,7 @@ class LayerPlan:
     ffn_cols: list[int] | None     # residual columns gate/up (intermediate) read
     o_rows: list[int] | None       # residual rows o_proj writes (None: all, no scatter)
     down_rows: list[int] | None
+    v_pad: int = 0                 # zero rows after each kv head's value dims (stored width m_qk), trimmed before o_proj
 
     @property
     def m_qk(self) -> int:
@@ -78,6 +83,11 @@ class LayerPlan:
         g = self.group()
         return [h * self.head_dim + d for i, h in enumerate(self.heads) for d in self.v[i // g]]
 
+    def qkv_pad(self) -> int:
+        """Zero rows that top the fused q/k/v matmul up to a multiple of ROW_ALIGN (real-sized models)."""
+        n = len(self.q_rows()) + len(self.k_rows()) + len(self.kv_heads) * (self.m_v + self.v_pad)
+        return (-n) % ROW_ALIGN if n >= ALIGN_FROM else 0
+
     def rows_cols(self, role: str, n_out: int, n_in: int) -> tuple[list[int], list[int]]:
         """The stored rows and columns of one role's weight (indices into the dense weight)."""
         every = lambda n: list(range(n))  # noqa: E731
@@ -93,8 +103,10 @@ class LayerPlan:
         raise KeyError(role)
 
     def stored(self, role: str, n_out: int, n_in: int) -> int:
+        """Weight elements stored for one role, padding included (v: its zero rows and the q/k/v alignment's)."""
         rows, cols = self.rows_cols(role, n_out, n_in)
-        return len(rows) * len(cols)
+        extra = len(self.kv_heads) * self.v_pad + self.qkv_pad() if role == "v" else 0
+        return (len(rows) + extra) * len(cols)
 
 
 def _open(g: torch.Tensor) -> torch.Tensor:
@@ -161,8 +173,13 @@ def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> Layer
         v_live.append(_where(v[g] & o_any))
     m_qk = max(1, max(len(d) for d in qk_live)) * (2 if arch.rope else 1)
     m_v = max(1, max(len(d) for d in v_live))
-    if n * hd >= ALIGN_FROM and abs(m_qk - m_v) <= max(m_qk, m_v) / 8:  # equal widths: SDPA's fused path
-        m_qk = m_v = max(m_qk + m_qk % 2 * arch.rope, m_v + m_v % 2 * arch.rope)
+    v_pad = 0
+    if n * hd >= ALIGN_FROM:  # one stored width for q, k and v: SDPA's fused kernel, as in the dense model
+        if max(m_qk, m_v) >= hd - hd // NEAR_FULL:  # near full: keep the dense width (bit for bit the dense attention)
+            m_qk = m_v = hd
+        else:
+            m_qk = max(m_qk, m_v + m_v % 2 * arch.rope)  # q/k topped up with dead pairs where v is wider
+            v_pad = m_qk - m_v                            # v padded with zero rows, trimmed before o_proj
     qk = _widths(qk_live, half if arch.rope else hd, m_qk // 2 if arch.rope else m_qk)
     if arch.rope:
         qk = [p + [d + half for d in p] for p in qk]
@@ -175,7 +192,7 @@ def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> Layer
     return LayerPlan(
         head_dim=hd, rope=arch.rope, heads=heads, kv_heads=kept_kv, qk=qk, v=_widths(v_live, hd, m_v), ffn=ffn,
         att_cols=_residual(_open(gates["q"][1]) | _open(gates["k"][1]) | _open(gates["v"][1])),
-        ffn_cols=_residual(reads), o_rows=_residual(_open(gates["o"][0]), align=True),
+        ffn_cols=_residual(reads), o_rows=_residual(_open(gates["o"][0]), align=True), v_pad=v_pad,
         down_rows=_residual(_open(gates["ffn_down"][0]), align=True))
 
 
