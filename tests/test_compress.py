@@ -511,3 +511,40 @@ def test_near_full_heads_keep_the_dense_width_and_compute_the_dense_attention_bi
         out = model(input_ids=x).logits
     assert model.model.layers[0].self_attn.rope == "full"
     assert torch.equal(out, ref)
+
+
+def test_a_reader_without_dead_columns_sums_in_the_blas_blocks_of_the_dense_weight():
+    """A down_proj-sized reader with 35% of its columns gone: with 8 or more input rows it is multiplied block
+    by block as the BLAS sums the dense weight, and then equals the dense matmul bit for bit; batch-1 rows
+    take one plain matmul (equal to rounding)."""
+    from reftbench.compress import _compact
+    from reftbench.compress.modules import dense_block
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 1536, generator=g)
+    keep = torch.nonzero(torch.rand(1536, generator=g) >= 0.35).flatten().tolist()
+    lin = _compact([(w.index_select(1, torch.tensor(keep)), None, list(range(96)))], None, None, len(keep), 96,
+                   torch.float32, keep, 1536)
+    assert lin.spec()["origin"] == len(keep) and lin.spec()["dense_in"] == 1536
+    x = torch.zeros(2, 32, 1536)
+    x[..., keep] = torch.randn(2, 32, len(keep), generator=g)
+    with torch.no_grad():
+        ref, out = torch.nn.functional.linear(x, w), lin(x[..., keep])
+        one = lin(x[:1, :1, keep])
+    assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(one, ref[:1, :1], atol=1e-4)
+    kc = dense_block(96, 1536, False, torch.float32)
+    if kc is None:
+        pytest.skip("this BLAS sums in no block found: the plain matmul is used")
+    assert len(lin.blocks()) > 1 and torch.equal(out, ref)
+
+
+def test_block_bounds_split_where_the_dense_column_crosses_a_block():
+    from reftbench.compress.modules import _bounds
+    assert _bounds([0, 5, 191, 192, 200, 500], 192) == [(0, 3), (3, 5), (5, 6)]
+    assert _bounds([3, 4], 192) == [(0, 2)]
+
+
+def test_no_dead_column_no_blocks():
+    from reftbench.compress import _compact
+    lin = _compact([(torch.randn(8, 300), None, list(range(8)))], None, None, 300, 8, torch.float32,
+                   list(range(300)), 300)
+    assert lin.origin is None and lin.blocks() == ()

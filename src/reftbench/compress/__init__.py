@@ -33,15 +33,21 @@ def _fold(method, gates: dict, block, layer: int, role: str):
 
 
 def _compact(parts: list, cols: list[int] | None, out_rows: list[int] | None, in_f: int, out_f: int,
-             dtype) -> CompactLinear:
+             dtype, origin: list[int] | None = None, dense_in: int | None = None) -> CompactLinear:
     """One CompactLinear from (weight, bias, rows) parts stacked along the output (a fused q/k/v or
     gate/up), reading `cols` of the input (None: all) and writing `out_rows` of a full-width output
-    (None: no scatter)."""
+    (None: no scatter). `origin`: the stored columns' indices in the dense weight, `dense_in` wide, where
+    the weight's columns were already selected (o_proj, down_proj); a gathered reader's are `cols`."""
     rows = sum(len(r) for _, _, r in parts)
     bias = any(b is not None for _, b, _ in parts)
     n_cols = in_f if cols is None else len(cols)
+    if cols is not None:
+        origin, dense_in = cols, in_f
+    if origin is not None and len(origin) == dense_in:
+        origin = dense_in = None  # no column gone: the dense sums as they are
     lin = CompactLinear(rows, n_cols, bias, None if cols is None else len(cols),
-                        None if out_rows is None else len(out_rows), in_f, out_f, dtype=dtype)
+                        None if out_rows is None else len(out_rows), in_f, out_f, dtype=dtype,
+                        origin=None if origin is None else len(origin), dense_in=dense_in)
     with torch.no_grad():
         at = 0
         for w, b, r in parts:
@@ -57,6 +63,8 @@ def _compact(parts: list, cols: list[int] | None, out_rows: list[int] | None, in
             lin.in_index.copy_(torch.tensor(cols))
         if out_rows is not None:
             lin.out_index.copy_(torch.tensor(out_rows))
+        if origin is not None:
+            lin.origin.copy_(torch.tensor(origin))
     return lin
 
 
@@ -93,11 +101,11 @@ def _layer(method, gates: dict, block, layer: int, plan: LayerPlan, dtype) -> di
     w, b = folded["o"]
     o = _compact([(w.index_select(1, torch.tensor(plan.o_cols())), b,
                    plan.o_rows if plan.o_rows is not None else list(range(shape["o"][0])))],
-                 None, plan.o_rows, len(plan.o_cols()), shape["o"][0], dtype)
+                 None, plan.o_rows, len(plan.o_cols()), shape["o"][0], dtype, plan.o_cols(), shape["o"][1])
     w, b = folded["ffn_down"]
     down = _compact([(w.index_select(1, torch.tensor(plan.ffn)), b,
                       plan.down_rows if plan.down_rows is not None else list(range(shape["ffn_down"][0])))],
-                    None, plan.down_rows, len(plan.ffn), shape["ffn_down"][0], dtype)
+                    None, plan.down_rows, len(plan.ffn), shape["ffn_down"][0], dtype, plan.ffn, shape["ffn_down"][1])
     decoder = arch.family != "bert"
     att = CompactAttention(model.config, layer, len(plan.heads), len(plan.kv_heads), plan.m_qk, plan.m_v,
                            plan.head_dim ** -0.5, _rope_mode(plan), qkv, o if decoder else None, decoder, plan.v_pad)

@@ -17,9 +17,10 @@ Per block, with g_r / g_c the eval gates (all ones for a Linear that is not gate
   them (gate and up likewise); o_proj and down_proj rows scatter into it. Both happen only where at least
   MIN_DEAD of the width is dead: below that the gather costs more than the narrower matmul saves, and
   the dead columns or rows are stored as zeros.
-- Layout for speed (exact, it only keeps dead units or rows as padding): the kept MLP units and the
-  scattered rows are topped up to a multiple of ROW_ALIGN (CPU GEMMs run up to 1.4x slower on row counts
-  that are not). q, k and v get one stored width (unequal widths send scaled_dot_product_attention from
+- Layout for speed (exact, it only keeps dead units or rows as padding): the scattered rows are topped
+  up to a multiple of ROW_ALIGN (CPU GEMMs run up to 1.4x slower on row counts that are not), the kept
+  MLP units to a multiple of UNIT_ALIGN (the same, and the activation of a row of units then runs wholly
+  in its vector loop, which rounds as the dense model's does; a scalar tail rounds silu differently). q, k and v get one stored width (unequal widths send scaled_dot_product_attention from
   its fused kernel to another path that rounds differently): where the wider of q/k and v keeps more than
   7/8 of the head, both keep the whole head (dead dims as exact padding: the attention is then the dense
   model's, bit for bit); else q/k are topped up with dead pairs where v is wider, and v with zero rows
@@ -35,6 +36,7 @@ from ..errors import ConfigError
 MIN_DEAD = 0.05
 NEAR_FULL = 8  # q/k or v keeping more than all but 1/NEAR_FULL of the head width keep all of it
 ROW_ALIGN = 16
+UNIT_ALIGN = 32  # MLP units: GEMM-aligned, and the activation's vector loop (2 x 16 floats) covers every unit
 ALIGN_FROM = 256  # widths below this (test-sized models) are not padded: their GEMMs cost little either way
 
 
@@ -117,11 +119,11 @@ def _where(t: torch.Tensor) -> list[int]:
     return torch.nonzero(t).flatten().tolist()
 
 
-def _aligned(keep: list[int], n: int) -> list[int]:
-    """`keep` topped up with the lowest other indices below n to a multiple of ROW_ALIGN (or to n)."""
+def _aligned(keep: list[int], n: int, align: int = ROW_ALIGN) -> list[int]:
+    """`keep` topped up with the lowest other indices below n to a multiple of `align` (or to n)."""
     if n < ALIGN_FROM:
         return keep
-    want = min(n, -(-len(keep) // ROW_ALIGN) * ROW_ALIGN)
+    want = min(n, -(-len(keep) // align) * align)
     chosen = set(keep)
     return sorted(keep + [i for i in range(n) if i not in chosen][:want - len(keep)])
 
@@ -188,7 +190,7 @@ def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> Layer
     if arch.ffn_gate:
         unit &= _open(gates["ffn_gate"][0])
         reads = reads | _open(gates["ffn_gate"][1])
-    ffn = _aligned(_where(unit) or [0], unit.numel())  # a dead unit is exact padding: its up or down weights are 0
+    ffn = _aligned(_where(unit) or [0], unit.numel(), UNIT_ALIGN)  # a dead unit is exact padding: its up or down weights are 0
     return LayerPlan(
         head_dim=hd, rope=arch.rope, heads=heads, kv_heads=kept_kv, qk=qk, v=_widths(v_live, hd, m_v), ffn=ffn,
         att_cols=_residual(_open(gates["q"][1]) | _open(gates["k"][1]) | _open(gates["v"][1])),
