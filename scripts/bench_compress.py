@@ -8,8 +8,11 @@ random (each gate closed with one probability, seeded, chosen by bisection so th
 the share S of the non-embedding Linear weights), the rest fully open. Timed, interleaved: batch-1 greedy
 decoding (tokens/s; an encoder: batch-1 forward, examples/s) and a batched forward (examples/s), dense
 (gates folded in place: the cost of the finetuned model without compression) against compressed; printed
-with the ratios, the largest |Δlogit| between the gated model and the compressed one, and the physical
-bound (the share of Linear FLOPs and of weight bytes per token that is gone).
+with the ratios, the largest |Δlogit| between the gated model and the compressed one (fp32 and fp64 on the
+batch; fp32 over the batch-1 greedy steps), the dense model's own fp32 noise floor (the gated model against
+itself with the gates folded, run one example at a time, and with its FFN units reordered: the same
+function summed in another order), and the physical bound (the share of Linear FLOPs and of weight bytes
+per token that is gone).
 
 RUN_DIR mode:
 In one process, on the same test batches: the dense model (the base model with the trained gates folded
@@ -183,6 +186,36 @@ def _close_at_random(method, share: float, seed: int) -> float:
     return apply(hi)
 
 
+@torch.no_grad()
+def _permute_units(model, seed: int):
+    """Reorder every block's FFN hidden units in place (gate/up/intermediate rows and their biases, down
+    columns; one seeded permutation per block): the same function, summed in another order. Returns undo()."""
+    from reftbench import architectures as archs
+    arch = archs.for_model(model)
+    g = torch.Generator().manual_seed(seed)
+    done = []
+    for block in archs.blocks(model):
+        down = archs.get(block, arch.path("ffn_down"))
+        perm = torch.randperm(down.in_features, generator=g)
+        writers = [archs.get(block, arch.path(r)) for r in ("ffn_gate", "ffn_up") if arch.path(r)]
+        for m in writers:
+            m.weight.copy_(m.weight[perm])
+            if m.bias is not None:
+                m.bias.copy_(m.bias[perm])
+        down.weight.copy_(down.weight[:, perm])
+        done.append((writers, down, torch.argsort(perm)))
+
+    def undo():
+        with torch.no_grad():
+            for writers, down, inv in done:
+                for m in writers:
+                    m.weight.copy_(m.weight[inv])
+                    if m.bias is not None:
+                        m.bias.copy_(m.bias[inv])
+                down.weight.copy_(down.weight[:, inv])
+    return undo
+
+
 TEXT = ("The river runs past the old mill and under the stone bridge before it reaches the town. In spring the "
         "water rises and the fields along the bank turn green; by late summer it is low enough to cross on foot. "
         "People in the town still argue about whether the mill should be repaired or pulled down, and the council "
@@ -224,18 +257,28 @@ def random_gates(args):
     with torch.inference_mode():  # the gated model (hooks) against the compressed one
         ref, out = dense(**batch).logits, small(**batch).logits
         delta = float((ref - out).abs().max())
+        # the dense model's own fp32 noise: the same examples one at a time (other GEMM shapes, same math)
+        alone = torch.cat([dense(**{k: v[i:i + 1] for k, v in batch.items()}).logits for i in range(len(batch["input_ids"]))])
+        floor_alone = float((alone - ref).abs().max())
         # the same in float64 (copies cast back exactly afterwards): what is left is the compression's own error
         dense.double(), small.double()
         delta64 = float((dense(**batch).logits - small(**batch).logits).abs().max())
         dense.float(), small.float()
-        same = True
+        same, delta_decode = True, None
         if decoder:
             kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                       pad_token_id=tok.pad_token_id or 0)
-            same = torch.equal(dense.generate(prompt, **kw), small.generate(prompt, **kw))
+            gen = [m.generate(prompt, **kw, output_logits=True, return_dict_in_generate=True) for m in (dense, small)]
+            same = torch.equal(gen[0].sequences, gen[1].sequences)
+            # batch-1 decoding: each step multiplies one row (the BLAS's one-row path, no block sums)
+            delta_decode = max(float((a - b).abs().max()) for a, b in zip(gen[0].logits, gen[1].logits))
     gated.merge(keep_original=False)  # dense shapes with the gates folded: the uncompressed cost
     with torch.inference_mode():  # fp32 rounding alone: the gated model against itself with the gates folded
         fold = float((dense(**batch).logits - ref).abs().max())
+        undo = _permute_units(dense, args.seed)  # the same model, its FFN sums in another order
+        floor_order = float((dense(**batch).logits - ref).abs().max())
+        undo()
+        assert float((dense(**batch).logits - ref).abs().max()) == fold  # undone exactly
     pair = {"dense": dense, "compressed": small}
     if decoder:
         one, one_cpu = _interleaved(pair, lambda m: m.generate(prompt, **kw), args.repeats, args.warmup)
@@ -252,6 +295,8 @@ def random_gates(args):
         "repeats": args.repeats, "removed_share_linear": reached, "removed_share_model": info["params_removed_total"] / info["params_dense"],
         "linear_weights": n_linear, "params_dense": info["params_dense"], "params_compressed": info["params_compressed"],
         "max_abs_dlogit": delta, "max_abs_dlogit_fp64": delta64, "max_abs_dlogit_fold_only": fold,
+        "max_abs_dlogit_decoding": delta_decode, "dense_floor_one_at_a_time": floor_alone,
+        "dense_floor_units_reordered": floor_order,
         "max_abs_logit": float(ref.abs().max()), "same_greedy_tokens": same,
         "one_rate_dense": one_rate["dense"], "one_rate_compressed": one_rate["compressed"],
         "one_ratio": one_rate["compressed"] / one_rate["dense"],
@@ -273,8 +318,11 @@ def random_gates(args):
           f"({100 * out['removed_share_model']:.1f}% of the model), seed {args.seed}, {args.threads} thread(s), "
           f"median of {args.repeats}, interleaved"
           + ("" if not decoder else f"; greedy tokens {'identical' if same else 'DIFFER'}"))
-    print(f"  max |dlogit| gated vs compressed: {delta:.2e} in fp32 ({delta64:.1e} in fp64; fp32 rounding alone, "
-          f"gated vs the same gates folded into the dense weights: {fold:.2e}; max |logit| {out['max_abs_logit']:.1f})")
+    print(f"  max |dlogit| gated vs compressed, {args.batch_size}x{args.length} batch: {delta:.2e} in fp32 "
+          f"({delta64:.1e} in fp64; max |logit| {out['max_abs_logit']:.1f})"
+          + ("" if delta_decode is None else f"; over the {args.new_tokens} batch-1 greedy steps: {delta_decode:.2e}"))
+    print(f"  dense fp32 noise floor, max |dlogit| against the gated model: gates folded {fold:.2e}; examples one "
+          f"at a time {floor_alone:.2e}; FFN units in another order (same math, other summation order) {floor_order:.2e}")
     print(f"  {what}: {one_rate['dense']:.2f} dense vs {one_rate['compressed']:.2f} compressed: "
           f"{out['one_ratio']:.2f}x wall; CPU time {out['one_rate_dense_cpu']:.2f} vs {out['one_rate_compressed_cpu']:.2f}: "
           f"{out['one_ratio_cpu']:.2f}x")
