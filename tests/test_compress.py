@@ -548,3 +548,33 @@ def test_no_dead_column_no_blocks():
     lin = _compact([(torch.randn(8, 300), None, list(range(8)))], None, None, 300, 8, torch.float32,
                    list(range(300)), 300)
     assert lin.origin is None and lin.blocks() == ()
+
+
+def test_compact_decoder_layer_fuses_the_writers_into_the_residual_adds_bit_for_bit(tmp_path):
+    """The decoder layers get the fused forward (o_proj's and down_proj's scatter folded into the residual
+    adds): the same result as the layer's own forward over the same compact modules, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    loaded = tiny_llama()
+    model = loaded.model
+    m = gated(model, mean=5.0, std=0.0)
+    with torch.no_grad():  # 8 of 64 residual rows closed in o_proj and down_proj: both scatter
+        m.gates["0-self_attn-o_proj"].rows.logits[:8] = -5
+        m.gates["0-mlp-down_proj"].rows.logits[20:28] = -5
+        m.gates["0-mlp-up_proj"].rows.logits[:30] = -5
+    x, mask = inputs()
+    ref, ref_hidden = forward(model, x, mask)
+    info = compress.shrink(m)
+    block = model.model.layers[0]
+    assert type(block).__name__ == "CompactLlamaDecoderLayer" and isinstance(block, LlamaDecoderLayer)
+    assert block.self_attn.o_proj.out_index is not None and block.mlp.down_proj.out_index is not None
+    logits, hidden = forward(model, x, mask)
+    keep = mask.bool()
+    assert (logits - ref)[keep].abs().max() < TOL
+    assert all((a - b)[keep].abs().max() < TOL for a, b in zip(ref_hidden, hidden))
+    h = torch.randn(2, 5, 64)
+    emb = model.model.rotary_emb(h, torch.arange(5)[None])
+    with torch.no_grad():
+        assert torch.equal(block(h, position_embeddings=emb), LlamaDecoderLayer.forward(block, h, position_embeddings=emb))
+    again = compress.load(compress.save(model, loaded.tokenizer, tmp_path / "c", info))
+    assert all(type(b).__name__ == "CompactLlamaDecoderLayer" for b in again.model.layers)
+    assert (forward(again, x, mask)[0] - ref)[keep].abs().max() < TOL

@@ -14,7 +14,7 @@ import torch
 from .. import architectures as archs
 from ..errors import ConfigError
 from ..models import count_params
-from .modules import CompactAttention, CompactLinear, CompactMLP
+from .modules import CompactAttention, CompactLinear, CompactMLP, compact_decoder_layer
 from .plan import LayerPlan, plan_counts, plans
 
 FORMAT = "reftbench-finegates-compressed/3"  # /3: v_pad (zero value rows trimmed after attention)
@@ -145,6 +145,7 @@ def _from_specs(config, layer: int, specs: dict, dtype, decoder: bool) -> dict:
 def _install(block, modules: dict) -> None:
     for path, m in modules.items():
         archs.put(block, path, m)
+    compact_decoder_layer(block)
 
 
 @torch.no_grad()

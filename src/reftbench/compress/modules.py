@@ -106,17 +106,26 @@ class CompactLinear(nn.Module):
             self._blocks = key, (tuple(bounds) if len(bounds) > 1 else ())
         return self._blocks[1]
 
-    def forward(self, x):
+    def rows(self, x):
+        """The stored rows' outputs (no scatter)."""
         if self.in_index is not None:
             x = x.index_select(-1, self.in_index)
-        blocks = self.blocks() if self.origin is not None else ()
-        if blocks and x.numel() >= BLOCK_MIN_ROWS * x.shape[-1]:
-            y = _blocked(x.reshape(-1, x.shape[-1]), self.weight, self.bias, blocks).view(*x.shape[:-1], -1)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        if self.origin is not None and x.numel() >= BLOCK_MIN_ROWS * x.shape[-1]:
+            blocks = self.blocks()
+            if blocks:
+                return _blocked(x.reshape(-1, x.shape[-1]), self.weight, self.bias, blocks).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x):
+        y = self.rows(x)
         if self.out_index is not None:
             y = y.new_zeros(*y.shape[:-1], self.out_features).index_copy_(y.dim() - 1, self.out_index, y)
         return y
+
+    def add_to(self, residual, x):
+        """residual + forward(x), the scatter fused into the add (the same sums: a dead row adds nothing)."""
+        y = self.rows(x)
+        return residual + y if self.out_index is None else residual.index_add(-1, self.out_index, y)
 
 
 def rotate_half(x):
@@ -179,6 +188,13 @@ class CompactAttention(nn.Module):
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
         cache = cache if cache is not None else past_key_values
+        out, weights = self.heads_output(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        if self.decoder:
+            out = self.o_proj(out)
+        return out, weights
+
+    def heads_output(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
+        """The heads' outputs, concatenated (o_proj's input) and the attention weights (None under SDPA)."""
         b, t = hidden_states.shape[:2]
         q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)[:3]
         q = q.view(b, t, self.heads, self.m_qk).transpose(1, 2)
@@ -191,10 +207,7 @@ class CompactAttention(nn.Module):
         out, weights = self.attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         if self.v_pad:  # (b, t, heads, m_v + v_pad): the zero padding goes
             out = out[..., :self.m_v]
-        out = out.reshape(b, t, -1).contiguous()
-        if self.decoder:
-            out = self.o_proj(out)
-        return out, weights
+        return out.reshape(b, t, -1).contiguous(), weights
 
 
 class CompactMLP(nn.Module):
@@ -210,6 +223,41 @@ class CompactMLP(nn.Module):
     def spec(self) -> dict:
         return {"act": self.act_name, "gate_up": self.gate_up.spec(), "down_proj": self.down_proj.spec()}
 
-    def forward(self, x):
+    def hidden(self, x):
         gate, up = self.gate_up(x).split(self.units, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.act_fn(gate) * up
+
+    def forward(self, x):
+        return self.down_proj(self.hidden(x))
+
+
+def _compact_decoder_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
+                             use_cache=False, position_embeddings=None, past_key_values=None, **kwargs):
+    """The decoder layer's forward, the same operations in the same order, with o_proj's and down_proj's
+    scatter fused into the residual adds (and no keyword-renaming wrapper around the call)."""
+    cache = cache if cache is not None else past_key_values
+    kwargs.pop("output_attentions", None)
+    att = self.self_attn
+    heads, _ = att.heads_output(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs)
+    hidden_states = att.o_proj.add_to(hidden_states, heads)
+    return self.mlp.down_proj.add_to(hidden_states, self.mlp.hidden(self.post_attention_layernorm(hidden_states)))
+
+
+_LAYER_CLASSES: dict = {}
+
+
+def compact_decoder_layer(block) -> bool:
+    """Give a LLaMA-family decoder layer whose attention and MLP are compact the fused forward, in place:
+    its class becomes a subclass of its own (isinstance checks and output recording still see the
+    original class; the parameters and their names are unchanged). False where the block is not one."""
+    if not (isinstance(getattr(block, "self_attn", None), CompactAttention) and block.self_attn.decoder
+            and isinstance(getattr(block, "mlp", None), CompactMLP)
+            and hasattr(block, "input_layernorm") and hasattr(block, "post_attention_layernorm")):
+        return False
+    cls = type(block)
+    if cls not in _LAYER_CLASSES.values():
+        if cls not in _LAYER_CLASSES:
+            _LAYER_CLASSES[cls] = type(f"Compact{cls.__name__}", (cls,), {"forward": _compact_decoder_forward,
+                                                                           "__module__": __name__})
+        block.__class__ = _LAYER_CLASSES[cls]
+    return True
