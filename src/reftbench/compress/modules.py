@@ -155,6 +155,7 @@ class CompactAttention(nn.Module):
         self.sizes = (heads * m_qk, kv_heads * m_qk, kv_heads * (m_v + v_pad))
         extra = qkv.weight.shape[0] - sum(self.sizes)  # zero rows that align the fused GEMM
         self.split = self.sizes + ((extra,) if extra else ())
+        self.split_qk = (self.sizes[0] + self.sizes[1],) + self.split[2:]  # [q; k] | v | alignment rows
         self.qkv, self.rope = qkv, rope
         if decoder:
             self.o_proj = o_proj
@@ -196,12 +197,21 @@ class CompactAttention(nn.Module):
     def heads_output(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
         """The heads' outputs, concatenated (o_proj's input) and the attention weights (None under SDPA)."""
         b, t = hidden_states.shape[:2]
-        q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)[:3]
-        q = q.view(b, t, self.heads, self.m_qk).transpose(1, 2)
-        k = k.view(b, t, self.kv_heads, self.m_qk).transpose(1, 2)
+        qk, v = self.qkv(hidden_states).split(self.split_qk, dim=-1)[:2]
         v = v.view(b, t, self.kv_heads, self.m_v + self.v_pad).transpose(1, 2)
-        if self.rope is not None:
-            q, k = self._rope(q, k, *position_embeddings)
+        if self.rope in ("full", "shared"):  # one table for every head: q and k rotated together
+            cos, sin = position_embeddings
+            if self.rope == "shared":
+                cos, sin = cos.index_select(-1, self.rope_index), sin.index_select(-1, self.rope_index)
+            qk = qk.view(b, t, self.heads + self.kv_heads, self.m_qk).transpose(1, 2)
+            qk = qk * cos.unsqueeze(1) + rotate_half(qk) * sin.unsqueeze(1)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
+        else:
+            q, k = qk.split(self.sizes[:2], dim=-1)
+            q = q.view(b, t, self.heads, self.m_qk).transpose(1, 2)
+            k = k.view(b, t, self.kv_heads, self.m_qk).transpose(1, 2)
+            if self.rope is not None:
+                q, k = self._rope(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         out, weights = self.attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
