@@ -258,7 +258,8 @@ def random_gates(args):
         ref, out = dense(**batch).logits, small(**batch).logits
         delta = float((ref - out).abs().max())
         # the dense model's own fp32 noise: the same examples one at a time (other GEMM shapes, same math)
-        alone = torch.cat([dense(**{k: v[i:i + 1] for k, v in batch.items()}).logits for i in range(len(batch["input_ids"]))])
+        alone = torch.cat([dense(**{k: v[i:i + 1] for k, v in batch.items()}).logits
+                           for i in range(len(batch["input_ids"]))])
         floor_alone = float((alone - ref).abs().max())
         # the same in float64 (copies cast back exactly afterwards): what is left is the compression's own error
         dense.double(), small.double()
@@ -322,7 +323,8 @@ def random_gates(args):
           f"({delta64:.1e} in fp64; max |logit| {out['max_abs_logit']:.1f})"
           + ("" if delta_decode is None else f"; over the {args.new_tokens} batch-1 greedy steps: {delta_decode:.2e}"))
     print(f"  dense fp32 noise floor, max |dlogit| against the gated model: gates folded {fold:.2e}; examples one "
-          f"at a time {floor_alone:.2e}; FFN units in another order (same math, other summation order) {floor_order:.2e}")
+          f"at a time {floor_alone:.2e}; FFN units in another order (same math, other summation order) "
+          f"{floor_order:.2e}")
     print(f"  {what}: {one_rate['dense']:.2f} dense vs {one_rate['compressed']:.2f} compressed: "
           f"{out['one_ratio']:.2f}x wall; CPU time {out['one_rate_dense_cpu']:.2f} vs {out['one_rate_compressed_cpu']:.2f}: "
           f"{out['one_ratio_cpu']:.2f}x")

@@ -574,7 +574,8 @@ def test_compact_decoder_layer_fuses_the_writers_into_the_residual_adds_bit_for_
     h = torch.randn(2, 5, 64)
     emb = model.model.rotary_emb(h, torch.arange(5)[None])
     with torch.no_grad():
-        assert torch.equal(block(h, position_embeddings=emb), LlamaDecoderLayer.forward(block, h, position_embeddings=emb))
+        plain = LlamaDecoderLayer.forward(block, h, position_embeddings=emb)
+        assert torch.equal(block(h, position_embeddings=emb), plain)
     again = compress.load(compress.save(model, loaded.tokenizer, tmp_path / "c", info))
     assert all(type(b).__name__ == "CompactLlamaDecoderLayer" for b in again.model.layers)
     assert (forward(again, x, mask)[0] - ref)[keep].abs().max() < TOL

@@ -248,7 +248,8 @@ def _compact_decoder_forward(self, hidden_states, attention_mask=None, position_
     cache = cache if cache is not None else past_key_values
     kwargs.pop("output_attentions", None)
     att = self.self_attn
-    heads, _ = att.heads_output(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs)
+    heads, _ = att.heads_output(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache,
+                                **kwargs)
     hidden_states = att.o_proj.add_to(hidden_states, heads)
     return self.mlp.down_proj.add_to(hidden_states, self.mlp.hidden(self.post_attention_layernorm(hidden_states)))
 

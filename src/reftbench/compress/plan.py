@@ -20,8 +20,9 @@ Per block, with g_r / g_c the eval gates (all ones for a Linear that is not gate
 - Layout for speed (exact, it only keeps dead units or rows as padding): the scattered rows are topped
   up to a multiple of ROW_ALIGN (CPU GEMMs run up to 1.4x slower on row counts that are not), the kept
   MLP units to a multiple of UNIT_ALIGN (the same, and the activation of a row of units then runs wholly
-  in its vector loop, which rounds as the dense model's does; a scalar tail rounds silu differently). q, k and v get one stored width (unequal widths send scaled_dot_product_attention from
-  its fused kernel to another path that rounds differently): where the wider of q/k and v keeps more than
+  in its vector loop, which rounds as the dense model's does; a scalar tail rounds silu differently).
+  q, k and v get one stored width (unequal widths send scaled_dot_product_attention from its fused
+  kernel to another path that rounds differently): where the wider of q/k and v keeps more than
   7/8 of the head, both keep the whole head (dead dims as exact padding: the attention is then the dense
   model's, bit for bit); else q/k are topped up with dead pairs where v is wider, and v with zero rows
   where it is narrower (sliced off the attention's output before o_proj, which reads only the live dims).
@@ -190,7 +191,8 @@ def layer_plan(arch: archs.Arch, n: int, kv: int, hd: int, gates: dict) -> Layer
     if arch.ffn_gate:
         unit &= _open(gates["ffn_gate"][0])
         reads = reads | _open(gates["ffn_gate"][1])
-    ffn = _aligned(_where(unit) or [0], unit.numel(), UNIT_ALIGN)  # a dead unit is exact padding: its up or down weights are 0
+    # a dead unit is exact padding: its up or down weights are 0
+    ffn = _aligned(_where(unit) or [0], unit.numel(), UNIT_ALIGN)
     return LayerPlan(
         head_dim=hd, rope=arch.rope, heads=heads, kv_heads=kept_kv, qk=qk, v=_widths(v_live, hd, m_v), ffn=ffn,
         att_cols=_residual(_open(gates["q"][1]) | _open(gates["k"][1]) | _open(gates["v"][1])),
