@@ -65,8 +65,8 @@ def lean_mlps(model: nn.Module) -> int:
         return 0
     mlp_path = arch.ffn_gate.rsplit(".", 1)[0]
     n = 0
-    for block in archs.backbone(model).get_submodule(arch.layers):
-        mlp = block.get_submodule(mlp_path)
+    for block in archs.blocks(model):
+        mlp = archs.get(block, mlp_path)
         cls = type(mlp)
         if isinstance(mlp, LeanGLU):
             n += 1
