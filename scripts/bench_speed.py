@@ -7,6 +7,7 @@ Each method runs in its own subprocess so its peak memory is its own.
 
     python scripts/bench_speed.py                       # SmolLM2-135M, batch 8x64, loreft
     python scripts/bench_speed.py --methods loreft,lora,full
+    python scripts/bench_speed.py --malloc default        # glibc's own malloc settings, for comparison
 """
 import argparse
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from reftbench import allocator  # noqa: E402
 from reftbench.record import PeakRSS  # noqa: E402
 
 
@@ -158,7 +160,8 @@ def child(args, **extra):
            "--new-tokens", str(args.new_tokens)]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = allocator.environ() if args.malloc == "cli" and allocator.applies() else None
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         sys.exit(f"bench child failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -173,6 +176,8 @@ def main():
     ap.add_argument("--answer", type=int, default=16, help="answer tokens per example (loss positions)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--malloc", choices=["cli", "default"], default="cli",
+                    help="cli: glibc's malloc set up as the reftbench command runs (allocator.py); default: glibc's defaults")
     ap.add_argument("--child", choices=["method", "inference"], help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,6 +190,9 @@ def main():
     print(f"model {args.model}, batch {args.batch}x{args.length} ({args.answer} answer tokens each), "
           f"{torch.get_num_threads()} threads, median of {args.reps}; unit = one frozen forward with full logits",
           flush=True)
+    tuned = args.malloc == "cli" and allocator.applies()
+    print("malloc: " + (f"GLIBC_TUNABLES={allocator.environ()['GLIBC_TUNABLES']} (as the reftbench command runs)"
+                        if tuned else "the system's defaults"), flush=True)
     print(f"\n{'method':<8} {'trainable':>12} {'step (s)':>9} {'step / frozen fwd':>18} {'peak RSS (GiB)':>15}")
     rows = []
     for m in args.methods.split(","):  # each row as soon as its process is done (a loaded machine is slow)

@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from . import allocator
 from .errors import ReftbenchError
 from .preempt import Stopped
 
@@ -240,5 +241,11 @@ def main() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `reftbench` command: glibc's malloc set up for training (a re-exec, see allocator.py), then main."""
+    allocator.reexec()
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -35,9 +35,48 @@ def answer_loss(model, batch) -> torch.Tensor:
     keep = labels != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2
+    if cap:  # Gemma 2 (overwritten only when they come straight from the head, whose output nothing keeps)
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits.float(), labels[keep])
+    return LeanCrossEntropy.apply(logits.float(), labels[keep], not cap)[0]
+
+
+class LeanCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy (mean over rows) that keeps one [rows, vocab] tensor instead of three.
+
+    Forward writes the log-probabilities over the logits (with `overwrite`: the caller's logits are
+    used by nothing else), backward writes the gradient over the log-probabilities; both run
+    autograd's own kernels (log_softmax, nll_loss and log_softmax backward) on a few rows at a time,
+    so loss and gradient are F.cross_entropy's bit for bit (every kernel is row-wise). On SmolLM2 at
+    8 × 16 answer tokens that is 25 MB less at the end of the forward and 50 MB less at the start of
+    the backward. The graph can be backpropagated once (the saved log-probabilities are consumed)."""
+
+    ROWS = 8
+
+    @staticmethod
+    def forward(ctx, logits, labels, overwrite=False):
+        ctx.set_materialize_grads(False)
+        if overwrite:
+            for i in range(0, len(labels), LeanCrossEntropy.ROWS):
+                rows = logits[i:i + LeanCrossEntropy.ROWS]
+                rows.copy_(torch.log_softmax(rows, -1))
+            logp = logits
+            ctx.mark_dirty(logits)
+        else:
+            logp = torch.log_softmax(logits, -1)
+        ctx.save_for_backward(logp, labels)
+        return F.nll_loss(logp, labels), logp
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        logp, labels = ctx.saved_tensors
+        if grad is None:
+            return None, None, None
+        total = torch.tensor(float(len(labels)), dtype=logp.dtype, device=logp.device)
+        for i in range(0, len(labels), LeanCrossEntropy.ROWS):
+            rows = logp[i:i + LeanCrossEntropy.ROWS]
+            g = torch.ops.aten.nll_loss_backward(grad, rows, labels[i:i + LeanCrossEntropy.ROWS], None, 1, -100, total)
+            rows.copy_(torch.ops.aten._log_softmax_backward_data(g, rows, 1, rows.dtype))
+        return logp, None, None
 
 
 def _positive(value) -> bool:

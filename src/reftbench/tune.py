@@ -340,5 +340,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{summary['budget']['trials']} trials each, seeds {','.join(map(str, summary['seeds']))})")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `reftbench-tune` command: glibc's malloc set up for training (see allocator.py), then main."""
+    from . import allocator
+    allocator.reexec()
     main()
+
+
+if __name__ == "__main__":
+    entry()
