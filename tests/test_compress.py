@@ -515,7 +515,7 @@ def test_near_full_heads_keep_the_dense_width_and_compute_the_dense_attention_bi
 
 def test_a_reader_without_dead_columns_sums_in_the_blas_blocks_of_the_dense_weight():
     """A down_proj-sized reader with 35% of its columns gone: with 8 or more input rows it is multiplied block
-    by block as the BLAS sums the dense weight, and then equals the dense matmul bit for bit; batch-1 rows
+    by block as the BLAS sums the dense weight (from as many rows as it does so), and then equals the dense matmul bit for bit; batch-1 rows
     take one plain matmul (equal to rounding)."""
     from reftbench.compress import _compact
     from reftbench.compress.modules import dense_block
@@ -531,8 +531,8 @@ def test_a_reader_without_dead_columns_sums_in_the_blas_blocks_of_the_dense_weig
         ref, out = torch.nn.functional.linear(x, w), lin(x[..., keep])
         one = lin(x[:1, :1, keep])
     assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(one, ref[:1, :1], atol=1e-4)
-    kc = dense_block(96, 1536, False, torch.float32)
-    if kc is None:
+    found = dense_block(96, 1536, False, torch.float32)
+    if found is None:
         pytest.skip("this BLAS sums in no block found: the plain matmul is used")
     assert len(lin.blocks()) > 1 and torch.equal(out, ref)
 

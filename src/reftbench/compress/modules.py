@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 
 BLOCK_CANDIDATES = (192, 128, 256, 96, 64, 384, 512, 32, 48, 16)
-BLOCK_MIN_ROWS = 8  # below this (batch-1 decoding) the BLAS takes another path: one plain matmul
+BLOCK_ROWS = (8, 16, 32)  # the fewest input rows from which the BLAS sums in blocks, tried in turn
 _BLOCKS: dict = {}
 
 
@@ -35,28 +35,40 @@ def _bounds(origin: list[int], kc: int) -> list[tuple[int, int]]:
     return out
 
 
-def dense_block(n: int, k: int, bias: bool, dtype) -> int | None:
-    """The block of input columns this machine's BLAS sums on its own for an (n × k) weight: the kc for which
-    a matmul over any subset of the columns, split at the multiples of kc and accumulated block by block,
-    equals the full matmul with the other columns zero, bit for bit (tried on random data, rows 8 and 64;
-    cached per shape and thread count). None where no candidate does (the plain matmul is used then)."""
+def _candidates(k: int) -> list[int]:
+    """Block sizes to try: the usual ones, then the width split into 2..16 equal parts (MKL on AVX-512 was
+    seen to sum a 1536-wide input in 4 blocks of 384 and a 576-wide one in 2 of 288)."""
+    out = []
+    for kc in BLOCK_CANDIDATES + tuple(-(-k // j) for j in range(2, 17)):
+        if kc < k and kc not in out:
+            out.append(kc)
+    return out
+
+
+def dense_block(n: int, k: int, bias: bool, dtype) -> tuple[int, int] | None:
+    """The block of input columns this machine's BLAS sums on its own for an (n × k) weight, and the fewest
+    input rows from which it does: (kc, rows) such that a matmul over any subset of the columns, split at the
+    multiples of kc and accumulated block by block, equals the full matmul with the other columns zero, bit
+    for bit (tried on random data at `rows` and at 64 rows; cached per shape and thread count). None where
+    no candidate does (the plain matmul is used then)."""
     key = (n, k, bias, dtype, torch.get_num_threads())
     if key not in _BLOCKS:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(n, k, generator=g).to(dtype)
         b = torch.randn(n, generator=g).to(dtype) if bias else None
         keep = torch.nonzero(torch.rand(k, generator=g) >= 0.35).flatten()
-        xs = []
-        for m in (BLOCK_MIN_ROWS, 64):
-            x = torch.zeros(m, k, dtype=dtype)
-            x[:, keep] = torch.randn(m, len(keep), generator=g).to(dtype)
-            xs.append(x)
         wk, found = w.index_select(1, keep).contiguous(), None
+
+        def agrees(m, kc):
+            x = torch.zeros(m, k, dtype=dtype)
+            x[:, keep] = torch.randn(m, len(keep), generator=torch.Generator().manual_seed(m)).to(dtype)
+            return torch.equal(F.linear(x, w, b), _blocked(x.index_select(1, keep), wk, b, _bounds(keep.tolist(), kc)))
+
         with torch.inference_mode():
-            for kc in BLOCK_CANDIDATES:
-                if kc < k and all(torch.equal(F.linear(x, w, b), _blocked(x.index_select(1, keep), wk, b,
-                                                                           _bounds(keep.tolist(), kc))) for x in xs):
-                    found = kc
+            for rows in BLOCK_ROWS:
+                kc = next((kc for kc in _candidates(k) if agrees(rows, kc) and agrees(64, kc)), None)
+                if kc:
+                    found = kc, rows
                     break
         _BLOCKS[key] = found
     return _BLOCKS[key]
@@ -66,8 +78,8 @@ class CompactLinear(nn.Module):
     """y = scatter_out(W' · gather_in(x) + b'). `in_index` gathers live columns of a full-width input
     (residual readers); `out_index` scatters live rows into a full-width output (residual writers).
     `origin` (a reader whose input lost columns: o_proj, down_proj, gathered q/k/v and gate/up): the stored
-    columns' indices in the dense weight (`dense_in` wide). With it, inputs of at least BLOCK_MIN_ROWS rows
-    are multiplied in the blocks of columns the BLAS sums for the dense weight (`dense_block`), so the sums
+    columns' indices in the dense weight (`dense_in` wide). With it, inputs of as many rows as the BLAS sums in
+    blocks for (8 or 16 seen) are multiplied in the blocks of columns the BLAS sums for the dense weight (`dense_block`), so the sums
     are rounded as the dense model's are: the same fp32 result, bit for bit, with the dead columns skipped."""
 
     def __init__(self, rows: int, cols: int, bias: bool, in_index: int | None, out_index: int | None,
@@ -96,23 +108,27 @@ class CompactLinear(nn.Module):
                    dense_in=spec.get("dense_in"))
 
     def blocks(self) -> tuple:
+        """The (start, end) column blocks to multiply in; () for one plain matmul."""
+        return self._block_plan()[0]
+
+    def _block_plan(self) -> tuple[tuple, int]:
         key = (self.weight.dtype, self.weight.device, torch.get_num_threads())
         if self._blocks is None or self._blocks[0] != key:
-            kc = None
+            found = None
             if self.origin is not None and self.weight.device.type == "cpu":
                 n = self.out_features if self.out_index is not None else self.weight.shape[0]
-                kc = dense_block(n, self.dense_in, self.bias is not None, self.weight.dtype)
-            bounds = _bounds(self.origin.tolist(), kc) if kc else []
-            self._blocks = key, (tuple(bounds) if len(bounds) > 1 else ())
+                found = dense_block(n, self.dense_in, self.bias is not None, self.weight.dtype)
+            bounds = _bounds(self.origin.tolist(), found[0]) if found else []
+            self._blocks = key, ((tuple(bounds), found[1]) if len(bounds) > 1 else ((), 0))
         return self._blocks[1]
 
     def rows(self, x):
         """The stored rows' outputs (no scatter)."""
         if self.in_index is not None:
             x = x.index_select(-1, self.in_index)
-        if self.origin is not None and x.numel() >= BLOCK_MIN_ROWS * x.shape[-1]:
-            blocks = self.blocks()
-            if blocks:
+        if self.origin is not None and x.numel() >= BLOCK_ROWS[0] * x.shape[-1]:
+            blocks, fewest = self._block_plan()
+            if blocks and x.numel() >= fewest * x.shape[-1]:
                 return _blocked(x.reshape(-1, x.shape[-1]), self.weight, self.bias, blocks).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
