@@ -67,3 +67,13 @@ def test_reexec_applies_the_tunables_in_the_same_process():
     off = probe({**env, allocator.OPT_OUT: "default"})
     assert off.count("start") == 1 and off[4] == "None"
     assert int(off[5]) > 0  # glibc's default parks small freed chunks in fastbins (after the tcache's 7)
+
+
+@glibc
+def test_an_interpreter_that_cannot_be_restarted_runs_on(monkeypatch):
+    def refuse(*args):
+        raise PermissionError("no exec here")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(allocator.OPT_OUT, raising=False)
+    monkeypatch.setattr(os, "execve", refuse)
+    allocator.reexec()  # returns instead of raising

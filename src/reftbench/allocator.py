@@ -44,11 +44,14 @@ def reexec() -> None:
     """Replace this process with the same command under `environ()`, unless that is already its
     environment (or the tuning does not apply). Call first thing in an entry point, never from a
     library function: the caller's process is replaced."""
-    if not applies():
+    if not applies() or not sys.executable:
         return
     env = environ()
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+    try:
+        os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+    except OSError:  # an interpreter that can't be started again: run as it is, with glibc's defaults
+        return
