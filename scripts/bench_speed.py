@@ -154,14 +154,18 @@ def measure_inference(args):
                       "gen_ratio": statistics.median(gp) / statistics.median(gi)}))
 
 
+def child_env(args) -> dict | None:
+    """The children's environment: the reftbench command's malloc settings, or None (this one's)."""
+    return allocator.environ() if args.malloc == "cli" and allocator.applies() else None
+
+
 def child(args, **extra):
     cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--length",
            str(args.length), "--answer", str(args.answer), "--reps", str(args.reps),
            "--new-tokens", str(args.new_tokens)]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
-    env = allocator.environ() if args.malloc == "cli" and allocator.applies() else None
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args))
     if res.returncode:
         sys.exit(f"bench child failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -190,9 +194,9 @@ def main():
     print(f"model {args.model}, batch {args.batch}x{args.length} ({args.answer} answer tokens each), "
           f"{torch.get_num_threads()} threads, median of {args.reps}; unit = one frozen forward with full logits",
           flush=True)
-    tuned = args.malloc == "cli" and allocator.applies()
-    print("malloc: " + (f"GLIBC_TUNABLES={allocator.environ()['GLIBC_TUNABLES']} (as the reftbench command runs)"
-                        if tuned else "the system's defaults"), flush=True)
+    env = child_env(args)
+    print("malloc: " + (f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (as the reftbench command runs)"
+                        if env else "the system's defaults"), flush=True)
     print(f"\n{'method':<8} {'trainable':>12} {'step (s)':>9} {'step / frozen fwd':>18} {'peak RSS (GiB)':>15}")
     rows = []
     for m in args.methods.split(","):  # each row as soon as its process is done (a loaded machine is slow)

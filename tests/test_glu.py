@@ -25,14 +25,14 @@ def stock(model):
     return model
 
 
-def loss_and_grads(model, name, dtype, b):
+def loss_and_grads(model, name, dtype, b, loss_fn=answer_loss):
     torch.manual_seed(0)
     cfg = method_cfg(name) if name == "loreft" else {"name": name, "rank": 4, "dropout": 0.0, "lr": None}
     method = methods.build(cfg, model) if name != "full" else None
     params = method.trainable_parameters() if method else [p.requires_grad_(True) for p in model.parameters()]
     ctx = method.context(b) if method else torch.enable_grad()
     with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        loss = answer_loss(model, b)
+        loss = loss_fn(model, b)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in params]
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import method_cfg, tiny_llama
-from reftbench import methods, train
+from conftest import tiny_llama
+from reftbench import train
 from reftbench.train import LeanCrossEntropy, answer_loss
-from test_glu import batch
+from test_glu import batch, loss_and_grads
 
 
 @pytest.mark.parametrize("rows,overwrite", [(1, True), (7, True), (8, False), (21, True)])
@@ -47,18 +47,8 @@ def reference_answer_loss(model, b):
 def test_answer_loss_equals_stock_cross_entropy(name, dtype):
     """Through a whole model (full finetuning: the tied head's weight gradient too), fp32 and bf16 autocast."""
     b = batch(tiny_llama().tokenizer)
-    results = []
-    for loss_fn in (answer_loss, reference_answer_loss):
-        model = tiny_llama().model
-        torch.manual_seed(0)
-        method = methods.build(method_cfg(name), model) if name != "full" else None
-        params = method.trainable_parameters() if method else [p.requires_grad_(True) for p in model.parameters()]
-        ctx = method.context(b) if method else torch.enable_grad()
-        with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = loss_fn(model, b)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in params]))
-    (lean, lean_grads), (ref, ref_grads) = results
+    lean, lean_grads = loss_and_grads(tiny_llama().model, name, dtype, b)
+    ref, ref_grads = loss_and_grads(tiny_llama().model, name, dtype, b, reference_answer_loss)
     assert torch.equal(lean, ref)
     assert len(lean_grads) == len(ref_grads) > 0
     assert all(torch.equal(a, r) for a, r in zip(lean_grads, ref_grads))

@@ -78,9 +78,10 @@ class CompactLinear(nn.Module):
     """y = scatter_out(W' · gather_in(x) + b'). `in_index` gathers live columns of a full-width input
     (residual readers); `out_index` scatters live rows into a full-width output (residual writers).
     `origin` (a reader whose input lost columns: o_proj, down_proj, gathered q/k/v and gate/up): the stored
-    columns' indices in the dense weight (`dense_in` wide). With it, inputs of as many rows as the BLAS sums in
-    blocks for (8 or 16 seen) are multiplied in the blocks of columns the BLAS sums for the dense weight (`dense_block`), so the sums
-    are rounded as the dense model's are: the same fp32 result, bit for bit, with the dead columns skipped."""
+    columns' indices in the dense weight (`dense_in` wide). With it, inputs of at least as many rows as the BLAS
+    sums in blocks from (8 or 16 seen) are multiplied in the blocks of columns the BLAS sums for the dense
+    weight (`dense_block`), so the sums are rounded as the dense model's are: the same fp32 result, bit for
+    bit, with the dead columns skipped."""
 
     def __init__(self, rows: int, cols: int, bias: bool, in_index: int | None, out_index: int | None,
                  in_features: int, out_features: int, dtype=torch.float32, device=None,
