@@ -393,6 +393,14 @@ def test_shrink_frees_the_dense_layers_it_replaces():
 def test_compress_true_peak_memory_is_dense_plus_compressed(tmp_path):
     """Bytes of live tensors while shrinking never exceed the dense weights plus the compact ones."""
     import gc
+
+    def live_cpu_tensors():
+        gc.collect()
+        return [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 64]
+
+    # other tests' tensors still alive in this process are not this test's (held, so no new tensor reuses them)
+    held = live_cpu_tensors()
+    earlier = {t.data_ptr() for t in held}
     model = tiny_llama(layers=6).model
     m = gated(model, seed=7)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -401,9 +409,7 @@ def test_compress_true_peak_memory_is_dense_plus_compressed(tmp_path):
 
     def install(block, modules):
         real(block, modules)
-        gc.collect()
-        live = {t.data_ptr(): t.numel() * t.element_size() for t in gc.get_objects()
-                if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 64}
+        live = {t.data_ptr(): t.numel() * t.element_size() for t in live_cpu_tensors() if t.data_ptr() not in earlier}
         peak[0] = max(peak[0], sum(live.values()))
     compress._install = install
     try:
@@ -514,9 +520,9 @@ def test_near_full_heads_keep_the_dense_width_and_compute_the_dense_attention_bi
 
 
 def test_a_reader_without_dead_columns_sums_in_the_blas_blocks_of_the_dense_weight():
-    """A down_proj-sized reader with 35% of its columns gone: with 8 or more input rows it is multiplied block
-    by block as the BLAS sums the dense weight (from as many rows as it does so), and then equals the dense matmul bit for bit; batch-1 rows
-    take one plain matmul (equal to rounding)."""
+    """A down_proj-sized reader with 35% of its columns gone: from as many input rows as the BLAS sums in
+    blocks (8 or 16 seen) it is multiplied block by block as the BLAS sums the dense weight, and then equals
+    the dense matmul bit for bit; batch-1 rows take one plain matmul (equal to rounding)."""
     from reftbench.compress import _compact
     from reftbench.compress.modules import dense_block
     g = torch.Generator().manual_seed(0)
